@@ -1,0 +1,76 @@
+"""Config helpers: where the config tree lives, model presets, and composing configs in code.
+
+Hydra composes `conf/`; this module only resolves what Hydra cannot express itself:
+`model.preset` (used by `model=size_sweep`, since a config group cannot sweep itself).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from cai.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONF_DIR = REPO_ROOT / "conf"
+
+
+def available_models() -> list[str]:
+    """Names of the model presets in conf/model (every option but the sweep itself)."""
+    return sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml") if p.stem != "size_sweep")
+
+
+def load_model_preset(name: str) -> DictConfig:
+    """The composed content of conf/model/<name>.yaml (following its own defaults list)."""
+    path = CONF_DIR / "model" / f"{name}.yaml"
+    if name == "size_sweep" or not path.is_file():
+        raise ConfigError(
+            f"Unknown model preset {name!r}. Choose one of: {', '.join(available_models())} "
+            f"(files in {CONF_DIR / 'model'}), or set model.path=<local transformers folder>."
+        )
+    node = OmegaConf.load(path)
+    defaults = node.pop("defaults", [])
+    base = OmegaConf.create()
+    for entry in defaults:
+        if entry != "_self_":
+            base = OmegaConf.merge(base, load_model_preset(entry))
+    return OmegaConf.merge(base, node)
+
+
+def resolve_model(cfg: DictConfig) -> DictConfig:
+    """Replace `model` by its preset when the config names one (`model.preset=<name>`).
+
+    Keys given beside `preset` (e.g. `model.path=...`) override the preset's values.
+    """
+    if "preset" not in cfg.model:
+        return cfg
+    extra = OmegaConf.to_container(cfg.model, resolve=False)
+    preset = extra.pop("preset")
+    with open_dict(cfg):
+        cfg.model = OmegaConf.merge(load_model_preset(preset), extra)
+    return cfg
+
+
+def compose(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
+    """Compose the project config in code (tests, notebooks), as `src/train.py` would.
+
+    The `hydra:` resolver is unavailable outside a Hydra run, so `hydra.runtime.output_dir`
+    is filled in with a folder under paths.output_dir.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    os.environ.setdefault("CAI_ROOT", str(REPO_ROOT))
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose(
+            config_name=config_name, overrides=overrides or [], return_hydra_config=True
+        )
+    with open_dict(cfg):
+        OmegaConf.set_readonly(cfg.hydra, False)
+        cfg.hydra.runtime.output_dir = str(Path(cfg.paths.output_dir) / "compose")
+        HydraConfig.instance().set_config(cfg)
+        del cfg["hydra"]
+    return resolve_model(cfg)

@@ -1,0 +1,219 @@
+"""The stage runner: `cfg.pipeline.stages` in order, each a plain function over config and
+upstream artifacts, each writing one artifact folder keyed by what determines its content.
+
+A stage is a function `fn(cfg, upstream, work_dir) -> metrics`:
+- `upstream` maps upstream stage names to finished `Artifact`s;
+- it writes its files into `work_dir` (kept across a crash, so it can resume from it);
+- it returns a dict of metrics (JSON-able) that goes into the manifest.
+
+The key of an artifact hashes the stage's own config subtrees (`config_keys`), the seed, the
+stage version and the keys of its upstream artifacts: change any of them and the key changes,
+change anything else (paths, logger, other stages' settings) and it does not. So sweep jobs
+share every upstream artifact they agree on, and a rerun after a crash resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from cai.artifacts import (
+    Artifact,
+    ArtifactStore,
+    hash_payload,
+    write_json_atomic,
+    write_text_atomic,
+)
+from cai.errors import ArtifactError, ConfigError
+
+log = logging.getLogger(__name__)
+
+StageFn = Callable[[DictConfig, dict[str, Artifact], Path], dict]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    fn: StageFn
+    config_keys: tuple[str, ...]  # config subtrees that determine the artifact's content
+    upstream: tuple[str, ...] = ()  # stages whose artifacts this one reads
+    version: int = 1  # bump when the stage's code changes what it writes
+    seeded: bool = True  # the artifact depends on cfg.seed
+    ignore: tuple[str, ...] = field(default=())  # dotted keys inside config_keys that do not matter
+
+
+# Filled by `_register_stages()` at the end of this module; tests may add their own.
+STAGES: dict[str, Stage] = {}
+
+
+def stage_inputs(cfg: DictConfig, name: str) -> dict:
+    """Everything that determines stage `name`'s artifact under `cfg` (hashed into its key)."""
+    stage = get_stage(name)
+    config = {}
+    for key in stage.config_keys:
+        node = OmegaConf.select(cfg, key, throw_on_missing=True)
+        config[key] = (
+            OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+        )
+    for dotted in stage.ignore:
+        head, _, tail = dotted.partition(".")
+        if isinstance(config.get(head), dict):
+            _drop(config[head], tail)
+    return {
+        "stage": name,
+        "version": stage.version,
+        "config": config,
+        "seed": int(cfg.seed) if stage.seeded else None,
+        "upstream": {u: artifact_key(cfg, u) for u in stage.upstream},
+    }
+
+
+def artifact_key(cfg: DictConfig, name: str) -> str:
+    return hash_payload(stage_inputs(cfg, name))
+
+
+def _drop(tree: dict, dotted: str) -> None:
+    head, _, tail = dotted.partition(".")
+    if tail and isinstance(tree.get(head), dict):
+        _drop(tree[head], tail)
+    else:
+        tree.pop(head, None)
+
+
+def get_stage(name: str) -> Stage:
+    if name not in STAGES:
+        raise ConfigError(
+            f"Unknown stage {name!r} in pipeline.stages. Known stages, in pipeline "
+            f"order: {', '.join(STAGES)}."
+        )
+    return STAGES[name]
+
+
+def run(cfg: DictConfig) -> dict[str, Artifact]:
+    """Run `cfg.pipeline.stages` in order; return the finished artifacts by stage name."""
+    stages = list(cfg.pipeline.stages)
+    for name in stages:
+        get_stage(name)  # fail on a typo before any work starts
+    store = ArtifactStore(cfg.paths.artifact_dir)
+    artifacts: dict[str, Artifact] = {}
+    summary = []
+    for name in stages:
+        start = time.perf_counter()
+        artifact, built = ensure_artifact(
+            cfg, name, store, artifacts, force=bool(cfg.pipeline.force)
+        )
+        artifacts[name] = artifact
+        summary.append(
+            {
+                "stage": name,
+                "key": artifact.key,
+                "path": str(artifact.path),
+                "built": built,
+                "wall_s": round(time.perf_counter() - start, 3),
+            }
+        )
+        log.info("%s %s: %s", name, "built" if built else "reused", artifact.path)
+    output_dir = _hydra_output_dir()
+    if output_dir is not None:
+        write_json_atomic(Path(output_dir) / "pipeline_summary.json", summary)
+    return artifacts
+
+
+def ensure_artifact(
+    cfg: DictConfig,
+    name: str,
+    store: ArtifactStore,
+    this_run: dict[str, Artifact],
+    force: bool = False,
+) -> tuple[Artifact, bool]:
+    """Return stage `name`'s finished artifact, building it if needed; and whether it was built."""
+    stage = get_stage(name)
+    upstream = {
+        u: this_run.get(u) or _require(cfg, u, store, needed_by=name) for u in stage.upstream
+    }
+    inputs = stage_inputs(cfg, name)
+    key = hash_payload(inputs)
+    if not force and (done := store.get(name, key)) is not None:
+        return done, False
+    with store.lock(name, key):
+        if not force and (done := store.get(name, key)) is not None:
+            return done, False  # a sibling job finished it while we waited for the lock
+        work_dir = store.start(name, key, fresh=force)
+        log.info("Building %s (key %s) in %s", name, key, work_dir)
+        started = time.time()
+        metrics = stage.fn(cfg, upstream, work_dir) or {}
+        manifest = {
+            **inputs,
+            "metrics": metrics,
+            "timings": {
+                "started": started,
+                "finished": time.time(),
+                "wall_s": round(time.time() - started, 3),
+            },
+            "versions": _versions(),
+        }
+        return store.finish(name, key, manifest), True
+
+
+def _require(cfg: DictConfig, name: str, store: ArtifactStore, needed_by: str) -> Artifact:
+    key = artifact_key(cfg, name)
+    artifact = store.get(name, key)
+    if artifact is None:
+        raise ArtifactError(
+            f"Stage {needed_by!r} needs the {name!r} artifact (key {key}), which is not built for "
+            f"this config. Add {name} before {needed_by} in pipeline.stages, e.g. "
+            f"pipeline.stages=[{name},{needed_by}]."
+        )
+    return artifact
+
+
+def _versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    import cai
+
+    return {
+        "cai": cai.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _hydra_output_dir() -> str | None:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get().runtime.output_dir
+    except Exception:  # not inside a Hydra run
+        return None
+
+
+def _register_stages() -> None:
+    """The pipeline's stages, in order. Each later stage adds its line here."""
+    STAGES.update({})
+
+
+def run_from_config(cfg: DictConfig) -> dict[str, Artifact]:
+    """What `src/train.py` calls: resolve model presets, log the plan, run the stages."""
+    from cai.config import resolve_model
+
+    cfg = resolve_model(cfg)
+    stages = list(cfg.pipeline.stages)
+    log.info("Model %s (%s), stages: %s", cfg.model.name, cfg.model.source, stages or "none")
+    output_dir = _hydra_output_dir()
+    if output_dir is not None:  # the config as run, model preset resolved
+        write_text_atomic(Path(output_dir) / "config_resolved.yaml", OmegaConf.to_yaml(cfg))
+    if not stages:
+        log.warning("pipeline.stages is empty: nothing to run.")
+    return run(cfg)
+
+
+_register_stages()

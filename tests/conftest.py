@@ -1,0 +1,66 @@
+"""Shared fixtures: the real config composed and shrunk (tiny model, temporary folders)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("CAI_ROOT", str(REPO))
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach for a hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def shared_data_dir() -> Path | None:
+    """The paper's files and hh-rlhf: CAI_DATA_DIR, else ../shared/data beside the checkout."""
+    for candidate in (os.environ.get("CAI_DATA_DIR"), REPO.parent / "shared" / "data"):
+        if candidate and Path(candidate, "cai-paper").is_dir():
+            return Path(candidate)
+    return None
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    found = shared_data_dir()
+    if found is None:
+        pytest.skip(
+            "paper data not found: set CAI_DATA_DIR to a folder holding cai-paper/ and hh-rlhf/"
+        )
+    return found
+
+
+def path_overrides(tmp: Path) -> list[str]:
+    """Send every output of a run under `tmp` (the model cache stays shared)."""
+    return [
+        f"paths.output_dir={tmp}/outputs",
+        f"paths.results_dir={tmp}/results",
+        f"paths.figures_dir={tmp}/figures",
+    ]
+
+
+@pytest.fixture
+def make_cfg(tmp_path):
+    """Compose the real config with overrides, outputs under tmp_path."""
+    from cai.config import compose
+
+    def _make(*overrides: str):
+        return compose(path_overrides(tmp_path) + list(overrides))
+
+    return _make
+
+
+def run_train(args: list[str], tmp: Path, timeout: int = 600, env: dict | None = None):
+    """Run `python src/train.py ARGS` as a user would; returns the CompletedProcess."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    return subprocess.run(
+        [sys.executable, str(REPO / "src" / "train.py"), *args, *path_overrides(tmp)],
+        cwd=tmp,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
