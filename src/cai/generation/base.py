@@ -1,0 +1,31 @@
+"""The generation interface every stage that samples text uses, whatever the backend."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: str  # text after the shared prefix
+    max_new_tokens: int = 128
+    temperature: float = 1.0  # paper: T = 1 for SL-CAI samples (Bai et al. 2022, section 3.1)
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()  # generation ends at the first of these; the text is cut there
+    seed: int = 0  # per-request sampling seed: same seed, same sample, whatever the batch
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    num_tokens: int  # tokens generated (up to and including a stop string)
+    finish_reason: str  # "stop" (end token or stop string) or "length"
+    prompt_tokens: int = 0  # tokens of the prompt after the shared prefix
+    extra: dict = field(default_factory=dict)
+
+
+class GenerationEngine:
+    """generate(requests, prefix) -> one Generation per request, in order."""
+
+    def generate(self, requests: list[Request], prefix: str = "", desc: str = "generate") -> list[Generation]:
+        raise NotImplementedError

@@ -1,0 +1,102 @@
+"""Attention over a key/value prefix shared by every row of a batch.
+
+Every critique and revision request starts with the same few-shot block (~2,500 tokens with the
+paper's examples). Its keys and values are computed once (`PrefixCache`) and read by every row
+through broadcasting, instead of being copied into each row's cache: a decode step then reads
+the prefix once per layer for the whole batch, not once per row.
+
+The attention function is registered with transformers as "cai_shared_prefix"; the model is
+called with two extra keyword arguments that transformers passes down to it:
+`cai_prefix` (a PrefixCache or None) and `cai_key_mask` (bool [batch, suffix_len], True where
+the suffix cache holds a real token, False for left padding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, DynamicCache
+from transformers.masking_utils import AttentionMaskInterface
+
+ATTENTION_NAME = "cai_shared_prefix"
+
+
+@dataclass
+class PrefixCache:
+    """Keys and values of a shared prefix, per layer: [1, kv_heads, prefix_len, head_dim]."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    length: int
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, model, prefix_ids: torch.Tensor) -> PrefixCache:
+        """Run the model once over `prefix_ids` ([1, prefix_len]) and keep its cache."""
+        cache = DynamicCache(config=model.config)
+        attn = model.config._attn_implementation
+        model.set_attn_implementation("sdpa")
+        try:
+            model(input_ids=prefix_ids, cache=cache, use_cache=True, logits_to_keep=1)
+        finally:
+            model.set_attn_implementation(attn)
+        keys = [layer.keys for layer in cache.layers]
+        values = [layer.values for layer in cache.layers]
+        return cls(keys, values, prefix_ids.shape[1])
+
+
+def shared_prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                            cai_prefix: PrefixCache | None = None,
+                            cai_key_mask: torch.Tensor | None = None, **kwargs):
+    """Causal attention over [shared prefix ; this row's suffix cache].
+
+    query: [B, Hq, q, d]; key, value: [B, Hkv, S, d] (the suffix cache, new tokens last);
+    cai_key_mask: [B, S] bool. Returns ([B, q, Hq, d], None) as transformers expects.
+    """
+    batch, q_heads, q_len, dim = query.shape
+    kv_heads, suffix_len = key.shape[1], key.shape[2]
+    groups = q_heads // kv_heads
+    scaling = scaling if scaling is not None else dim**-0.5
+    key_mask = cai_key_mask if cai_key_mask is not None else torch.ones(
+        batch, suffix_len, dtype=torch.bool, device=key.device)
+    # Suffix visibility [B, q, S]: causal, no padding; a query always sees itself (no empty rows).
+    query_pos = torch.arange(suffix_len - q_len, suffix_len, device=key.device)
+    key_pos = torch.arange(suffix_len, device=key.device)
+    causal = key_pos[None, :] <= query_pos[:, None]
+    visible = (causal[None] & key_mask[:, None, :]) | (key_pos[None, None, :] == query_pos[None, :, None])
+    prefix_len = cai_prefix.length if cai_prefix is not None else 0
+
+    if q_len > 1:  # prefill: one fused SDPA call over [prefix copy ; suffix]
+        if prefix_len:
+            layer = module.layer_idx
+            key = torch.cat([cai_prefix.keys[layer].expand(batch, -1, -1, -1), key], dim=2)
+            value = torch.cat([cai_prefix.values[layer].expand(batch, -1, -1, -1), value], dim=2)
+            visible = torch.cat([visible.new_ones(batch, q_len, prefix_len), visible], dim=2)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=visible[:, None],
+                                             scale=scaling, enable_gqa=groups > 1)
+        return out.transpose(1, 2).contiguous(), None
+
+    # decode (q_len == 1): group query heads by kv head, read the prefix once for all rows
+    grouped = query.reshape(batch, kv_heads, groups, dim)  # [B, Hkv, g, d]
+    scores = torch.matmul(grouped, key.transpose(-1, -2)) * scaling  # [B, Hkv, g, S]
+    scores = scores.masked_fill(~visible[:, None, :, :], float("-inf"))
+    if prefix_len:
+        layer = module.layer_idx
+        prefix_scores = torch.matmul(grouped, cai_prefix.keys[layer].transpose(-1, -2)) * scaling
+        scores = torch.cat([prefix_scores, scores], dim=-1)  # [B, Hkv, g, P + S]
+    probs = torch.softmax(scores.float(), dim=-1).to(value.dtype)
+    out = torch.matmul(probs[..., prefix_len:], value)
+    if prefix_len:
+        out = out + torch.matmul(probs[..., :prefix_len], cai_prefix.values[module.layer_idx])
+    return out.reshape(batch, q_heads, 1, dim).transpose(1, 2).contiguous(), None
+
+
+def _no_mask(*args, **kwargs):
+    """The attention function builds its own mask from `cai_key_mask`."""
+    return None
+
+
+AttentionInterface.register(ATTENTION_NAME, shared_prefix_attention)
+AttentionMaskInterface.register(ATTENTION_NAME, _no_mask)
