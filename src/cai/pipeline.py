@@ -46,6 +46,7 @@ class Stage:
     version: int = 1  # bump when the stage's code changes what it writes
     seeded: bool = True  # the artifact depends on cfg.seed
     ignore: tuple[str, ...] = field(default=())  # dotted keys inside config_keys that do not matter
+    content: Callable[[DictConfig], dict] | None = None  # fingerprints of input files, for the key
 
 
 # Filled by `_register_stages()` at the end of this module; tests may add their own.
@@ -71,6 +72,7 @@ def stage_inputs(cfg: DictConfig, name: str) -> dict:
         "config": config,
         "seed": int(cfg.seed) if stage.seeded else None,
         "upstream": {u: artifact_key(cfg, u) for u in stage.upstream},
+        "content": stage.content(cfg) if stage.content else None,
     }
 
 
@@ -198,7 +200,16 @@ def _hydra_output_dir() -> str | None:
 
 def _register_stages() -> None:
     """The pipeline's stages, in order. Each later stage adds its line here."""
-    STAGES.update({})
+    from cai import critique
+
+    STAGES.update({
+        "generate_sl": Stage(
+            "generate_sl", critique.run_stage,
+            config_keys=("model", "constitution", "data", "sl", "generation"),
+            ignore=("sl.num_revisions", "generation.batch_size", "generation.progress"),
+            content=critique.stage_inputs,
+        ),
+    })
 
 
 def run_from_config(cfg: DictConfig) -> dict[str, Artifact]:

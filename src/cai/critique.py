@@ -1,0 +1,204 @@
+"""SL-CAI data: initial answers, then rounds of critique -> revision (Bai et al. 2022, section 3).
+
+For each red-team prompt the helpful model answers (T = 1); then, for each round, one principle
+is sampled uniformly with replacement (seeded per prompt), the model critiques its current answer
+against the principle's critique request, and revises it against the revision request; the
+revision becomes the answer of the next round. Helpfulness prompts get `sl.samples_per_helpful`
+plain answers each (paper: 2). Every step is kept, so SL-CAI-n for any n comes from one run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from pathlib import Path
+
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from cai.artifacts import Artifact, PartWriter, write_jsonl_atomic
+from cai.constitution import Constitution, Principle, load_constitution
+from cai.data import Prompt, load_prompts
+from cai.errors import ConfigError
+from cai.generation import GenerationEngine, Request, build_engine
+from cai.prompting import SLPrompts
+
+log = logging.getLogger(__name__)
+
+
+def sample_principles(seed: int, prompt_id: str, rounds: int, num_principles: int) -> list[int]:
+    """Indices of the principles used at each round for one prompt: uniform, with replacement,
+    reproducible from (seed, prompt id) alone (paper section 3.1: "randomly sampled")."""
+    rng = random.Random(f"{seed}:{prompt_id}")
+    return [rng.randrange(num_principles) for _ in range(rounds)]
+
+
+def request_seed(seed: int, *parts) -> int:
+    """A sampling seed for one generation request, stable across batching and resumes."""
+    text = ":".join(str(p) for p in (seed, *parts))
+    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
+
+
+def critique_revision_chain(engine: GenerationEngine, prompts: list[Prompt], builder: SLPrompts,
+                            principles: tuple[Principle, ...], sl: DictConfig, seed: int) -> list[dict]:
+    """Run the whole loop for a list of red-team prompts; one record per prompt."""
+    def request(text: str, max_tokens: int, *key) -> Request:
+        return Request(text, max_new_tokens=int(max_tokens), temperature=float(sl.temperature),
+                       top_p=float(sl.top_p), stop=builder.stops, seed=request_seed(seed, *key))
+
+    initial = engine.generate([request(builder.initial(p.text), sl.max_answer_tokens, p.id, "initial")
+                               for p in prompts], desc="initial answers")
+    records = [{"id": p.id, "prompt": p.text, "category": p.category, "split": p.split,
+                "initial": initial[i].text, "initial_tokens": initial[i].num_tokens, "revisions": []}
+               for i, p in enumerate(prompts)]
+    current = [g.text for g in initial]
+    chosen = [sample_principles(seed, p.id, int(sl.generate_revisions), len(principles)) for p in prompts]
+    for round_index in range(int(sl.generate_revisions)):
+        round_principles = [principles[c[round_index]] for c in chosen]
+        critiques: list = [None] * len(prompts)
+        if sl.critique:
+            critiques = engine.generate(
+                [request(builder.critique(p.text, current[i], round_principles[i]), sl.max_critique_tokens,
+                         p.id, round_index, "critique") for i, p in enumerate(prompts)],
+                prefix=builder.prefix, desc=f"round {round_index + 1} critiques")
+        revisions = engine.generate(
+            [request(builder.revision(p.text, current[i], round_principles[i],
+                                      critiques[i].text if critiques[i] else None),
+                     sl.max_revision_tokens, p.id, round_index, "revision") for i, p in enumerate(prompts)],
+            prefix=builder.prefix, desc=f"round {round_index + 1} revisions")
+        for i, record in enumerate(records):
+            empty = not revisions[i].text
+            if not empty:
+                current[i] = revisions[i].text
+            record["revisions"].append({
+                "round": round_index + 1,
+                "principle_id": round_principles[i].id,
+                "critique": critiques[i].text if critiques[i] else None,
+                "critique_tokens": critiques[i].num_tokens if critiques[i] else 0,
+                "revision": current[i],  # an empty revision keeps the previous answer
+                "revision_tokens": revisions[i].num_tokens,
+                "empty_revision": empty,
+            })
+    return records
+
+
+def helpful_samples(engine: GenerationEngine, prompts: list[Prompt], builder: SLPrompts, sl: DictConfig,
+                    seed: int) -> list[dict]:
+    """`sl.samples_per_helpful` answers per helpfulness prompt (paper: 2, section 3.1)."""
+    n = int(sl.samples_per_helpful)
+    requests = [Request(builder.initial(p.text), max_new_tokens=int(sl.max_answer_tokens),
+                        temperature=float(sl.temperature), top_p=float(sl.top_p), stop=builder.stops,
+                        seed=request_seed(seed, p.id, "helpful", k)) for p in prompts for k in range(n)]
+    outputs = engine.generate(requests, desc="helpful samples")
+    return [{"id": p.id, "prompt": p.text, "category": p.category, "split": p.split,
+             "samples": [outputs[i * n + k].text for k in range(n)],
+             "sample_tokens": [outputs[i * n + k].num_tokens for k in range(n)]}
+            for i, p in enumerate(prompts)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline stage
+
+
+def stage_inputs(cfg: DictConfig) -> dict:
+    """Content fingerprints added to the artifact key: editing the constitution or prompt files
+    changes the key even when the config does not."""
+    constitution, prompts = _load_inputs(cfg)
+    return {"constitution": constitution.fingerprint(), "prompts": prompts.fingerprint()}
+
+
+def _load_inputs(cfg: DictConfig) -> tuple[Constitution, object]:
+    constitution = load_constitution(cfg.constitution, cfg.paths.data_dir, cfg.paths.cache_dir)
+    prompts = load_prompts(cfg.data, cfg.paths.data_dir)
+    return constitution, prompts
+
+
+def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) -> dict:
+    """generate_sl: write red_team.jsonl and helpful.jsonl (train split) into `work_dir`."""
+    sl = cfg.sl
+    if int(sl.generate_revisions) < 0:
+        raise ConfigError(f"sl.generate_revisions={sl.generate_revisions} must be >= 0.")
+    constitution, prompt_set = _load_inputs(cfg)
+    principles = constitution.principles(sl.get("principle_ids"), sl.get("num_principles"))
+    train = prompt_set.split("train")
+    engine = build_engine(cfg.generation, cfg.model, cfg.paths.cache_dir)
+    builder = SLPrompts(constitution, engine_tokenizer(engine, cfg), cfg.model.prompt_format,
+                        critique=bool(sl.critique), num_fewshot=sl.get("num_fewshot"))
+    red, skipped_red = _fits_context(train.red_team, builder, cfg)
+    helpful, skipped_helpful = _fits_context(train.helpful, builder, cfg)
+    chunk = int(sl.chunk_size)
+    red_parts, helpful_parts = PartWriter(work_dir / "parts_red_team"), PartWriter(work_dir / "parts_helpful")
+    chunks = [("red_team", i) for i in range(0, len(red), chunk)] + [("helpful", i) for i in range(0, len(helpful), chunk)]
+    resumed = sum((red_parts if kind == "red_team" else helpful_parts).done(i // chunk) for kind, i in chunks)
+    if resumed:
+        log.info("Resuming generate_sl: %d of %d chunks already finished.", resumed, len(chunks))
+    for kind, start in tqdm(chunks, desc="generate_sl chunks", unit="chunk"):
+        parts = red_parts if kind == "red_team" else helpful_parts
+        if parts.done(start // chunk):
+            continue
+        if kind == "red_team":
+            records = critique_revision_chain(engine, red[start:start + chunk], builder, principles, sl, int(cfg.seed))
+        else:
+            records = helpful_samples(engine, helpful[start:start + chunk], builder, sl, int(cfg.seed))
+        parts.write(start // chunk, records)
+    red_records, helpful_records = red_parts.read_all(), helpful_parts.read_all()
+    write_jsonl_atomic(work_dir / "red_team.jsonl", red_records)
+    write_jsonl_atomic(work_dir / "helpful.jsonl", helpful_records)
+    _remove_parts(work_dir)
+    revisions = [r for rec in red_records for r in rec["revisions"]]
+    return {
+        "red_team_prompts": len(red_records),
+        "helpful_prompts": len(helpful_records),
+        "revisions_per_prompt": int(sl.generate_revisions),
+        "skipped_too_long": {"red_team": skipped_red, "helpful": skipped_helpful},
+        "prompt_counts": prompt_set.counts,
+        "empty_revisions": sum(r["empty_revision"] for r in revisions),
+        "mean_initial_tokens": _mean([r["initial_tokens"] for r in red_records]),
+        "mean_critique_tokens": _mean([r["critique_tokens"] for r in revisions]),
+        "mean_revision_tokens": _mean([r["revision_tokens"] for r in revisions]),
+        "resumed_chunks": resumed,
+        "engine": getattr(engine, "stats", {}),
+        "few_shot_prefix_chars": len(builder.prefix),
+    }
+
+
+def engine_tokenizer(engine: GenerationEngine, cfg: DictConfig):
+    tokenizer = getattr(engine, "tokenizer", None)
+    if tokenizer is None:
+        from cai.models import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.model, cfg.paths.cache_dir)
+    return tokenizer
+
+
+def _fits_context(prompts: list[Prompt], builder: SLPrompts, cfg: DictConfig) -> tuple[list[Prompt], int]:
+    """Keep prompts whose longest request (few-shot prefix, conversation, critique, revision
+    request and the token budget) fits the model's context; count the rest."""
+    sl, tokenizer = cfg.sl, builder.tokenizer
+    prefix_tokens = len(tokenizer(builder.prefix).input_ids) if builder.prefix else 0
+    longest_principle = 96  # tokens reserved for a principle's requests
+    budget = int(sl.max_answer_tokens) + int(sl.max_critique_tokens) + int(sl.max_revision_tokens) + longest_principle
+    keep = [p for p in prompts if prefix_tokens + len(tokenizer(p.text).input_ids) + budget <= int(cfg.model.max_context)]
+    skipped = len(prompts) - len(keep)
+    if skipped:
+        log.warning("Skipped %d prompts longer than the model's context (%d tokens).", skipped, cfg.model.max_context)
+    return keep, skipped
+
+
+def _remove_parts(work_dir: Path) -> None:
+    import shutil
+
+    for folder in ("parts_red_team", "parts_helpful"):
+        shutil.rmtree(work_dir / folder, ignore_errors=True)
+
+
+def _mean(values: list[float]) -> float:
+    return round(sum(values) / len(values), 2) if values else 0.0
+
+
+def load_sl_dataset(artifact: Artifact, kind: str = "red_team"):
+    """The SL data as a `datasets.Dataset` (kind: red_team or helpful)."""
+    import datasets
+
+    return datasets.load_dataset("json", data_files=str(artifact.file(f"{kind}.jsonl")), split="train")

@@ -1,0 +1,188 @@
+"""Prompt sets: red-team prompts (harmlessness) and helpfulness prompts, with a fixed split.
+
+Sources (`data.source`):
+- `builtin`: 207 red-team prompts over the nine harm categories of the paper's
+  HarmfulnessClassification eval and 200 helpfulness prompts, written for this project
+  (src/cai/resources/prompts/);
+- `hh_rlhf`: the first human turn of Anthropic's hh-rlhf dialogues (red-team prompts from
+  harmless-base, helpfulness prompts from helpful-base), read through `datasets` from
+  `paths.data_dir`/hh-rlhf, or from the hub when online (the paper's prompts come from the
+  same red-team and helpfulness data, Bai et al. 2022, section 3.2);
+- `files`: your own files (`data.red_team_file`, `data.helpful_file`): .txt (one prompt per
+  line), .jsonl (a "prompt" field) or .yaml (category -> list of prompts).
+
+Duplicates are dropped and counted; limits apply after a seeded shuffle of the train split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from omegaconf import DictConfig
+
+from cai.constitution import parse_turns
+from cai.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+RESOURCES = Path(__file__).parent / "resources" / "prompts"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str  # stable: derived from the text
+    text: str  # the human's request (first human turn)
+    category: str
+    split: str  # "train" or "eval"
+    kind: str  # "red_team" or "helpful"
+
+
+@dataclass
+class PromptSet:
+    red_team: list[Prompt]
+    helpful: list[Prompt]
+    counts: dict = field(default_factory=dict)  # read, duplicates, limited, per split
+
+    def split(self, name: str) -> PromptSet:
+        return PromptSet([p for p in self.red_team if p.split == name],
+                         [p for p in self.helpful if p.split == name], self.counts)
+
+    def fingerprint(self) -> str:
+        text = "\n".join(f"{p.kind}|{p.split}|{p.category}|{p.text}" for p in self.red_team + self.helpful)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def load_prompts(cfg: DictConfig, data_dir: str | None = None) -> PromptSet:
+    """Both prompt lists for the `data` config node, deduplicated, split and limited."""
+    if cfg.source == "builtin":
+        red = _from_yaml(RESOURCES / "red_team.yaml")
+        helpful = _from_yaml(RESOURCES / "helpful.yaml")
+    elif cfg.source == "files":
+        red = _from_file(cfg.get("red_team_file"), "data.red_team_file")
+        helpful = _from_file(cfg.get("helpful_file"), "data.helpful_file")
+    elif cfg.source == "hh_rlhf":
+        red = _from_hh_rlhf(cfg, data_dir, "harmless-base")
+        helpful = _from_hh_rlhf(cfg, data_dir, "helpful-base")
+        if helpful is None:
+            if not cfg.get("helpful_fallback_builtin", True):
+                raise ConfigError(_hh_missing("helpful-base", data_dir))
+            log.warning("hh-rlhf helpful-base not found locally and the hub is unreachable: using the "
+                        "builtin helpfulness prompts (recorded in the manifest).")
+            helpful = _from_yaml(RESOURCES / "helpful.yaml")
+        if red is None:
+            raise ConfigError(_hh_missing("harmless-base", data_dir))
+    else:
+        raise ConfigError(f"data.source={cfg.source!r}: use builtin, hh_rlhf or files.")
+    counts: dict = {}
+    red_prompts = _finish(red, "red_team", cfg, counts, cfg.get("max_red_team"), cfg.get("max_eval"))
+    helpful_prompts = _finish(helpful, "helpful", cfg, counts, cfg.get("max_helpful"), cfg.get("max_eval"))
+    return PromptSet(red_prompts, helpful_prompts, counts)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _finish(items: list[tuple[str, str]], kind: str, cfg: DictConfig, counts: dict,
+            limit: int | None, eval_limit: int | None) -> list[Prompt]:
+    """Deduplicate, split (fixed: by a hash of the text), shuffle (seeded) and limit."""
+    if not items:
+        raise ConfigError(f"No {kind} prompts were read for data.source={cfg.source}: the file is empty.")
+    seen, prompts, duplicates = set(), [], 0
+    for category, text in items:
+        text = text.strip()
+        norm = re.sub(r"\s+", " ", text.lower())
+        if not text or norm in seen:
+            duplicates += bool(text)
+            continue
+        seen.add(norm)
+        digest = hashlib.sha256(norm.encode()).hexdigest()
+        split = "eval" if int(digest[:8], 16) % 100 < int(cfg.eval_percent) else "train"
+        prompts.append(Prompt(f"{kind}-{digest[:10]}", text, category, split, kind))
+    random.Random(int(cfg.shuffle_seed)).shuffle(prompts)
+    train = [p for p in prompts if p.split == "train"]
+    evals = [p for p in prompts if p.split == "eval"]
+    train = train if limit is None else train[: int(limit)]
+    evals = evals if eval_limit is None else evals[: int(eval_limit)]
+    counts[kind] = {"read": len(items), "duplicates": duplicates, "train": len(train), "eval": len(evals),
+                    "limited_away": len(prompts) - len(train) - len(evals)}
+    return train + evals
+
+
+def _from_yaml(path: Path) -> list[tuple[str, str]]:
+    raw = _read_text(path)
+    try:
+        tree = yaml.safe_load(raw)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"Prompt file {path} is not valid YAML: {error}") from error
+    if not isinstance(tree, dict) or not all(isinstance(v, list) for v in tree.values()):
+        raise ConfigError(f"Prompt file {path}: expected a mapping of category -> list of prompts.")
+    return [(str(cat), str(text)) for cat, texts in tree.items() for text in texts]
+
+
+def _from_file(path: str | None, key: str) -> list[tuple[str, str]]:
+    if not path:
+        raise ConfigError(f"data.source=files needs {key}=<.txt, .jsonl or .yaml file>.")
+    path = Path(path)
+    if path.suffix in (".yaml", ".yml"):
+        return _from_yaml(path)
+    raw = _read_text(path)
+    if path.suffix == ".jsonl":
+        import json
+
+        items = []
+        for number, line in enumerate(raw.splitlines(), 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                    items.append((str(row.get("category", "none")), str(row["prompt"])))
+                except (ValueError, KeyError, AttributeError) as error:
+                    raise ConfigError(f"{path}, line {number}: expected a JSON object with a "
+                                      f"'prompt' field ({error}).") from error
+        return items
+    return [("none", line) for line in raw.splitlines() if line.strip()]
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError as error:
+        raise ConfigError(f"Prompt file {path} does not exist.") from error
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"Prompt file {path} is not UTF-8 text ({error}); convert it, e.g. "
+                          f"`iconv -f latin1 -t utf-8`.") from error
+
+
+def _from_hh_rlhf(cfg: DictConfig, data_dir: str | None, subset: str) -> list[tuple[str, str]] | None:
+    """First human turn of each hh-rlhf dialogue in `subset`, or None when unavailable."""
+    import datasets
+
+    folder = Path(data_dir) / "hh-rlhf" / subset if data_dir else None
+    files = sorted(folder.glob("*.jsonl.gz")) if folder and folder.is_dir() else []
+    try:
+        if files:
+            dataset = datasets.load_dataset("json", data_files=[str(f) for f in files], split="train")
+        elif cfg.get("allow_download", True):
+            dataset = datasets.load_dataset(cfg.hub_id, data_dir=subset, split="train")
+        else:
+            return None
+    except Exception as error:  # offline, or the hub refused
+        log.info("hh-rlhf %s unavailable: %s", subset, error)
+        return None
+    items = []
+    for row in dataset:
+        turns = parse_turns(row["chosen"])
+        if turns and turns[0]["role"] == "user":
+            items.append((subset, turns[0]["content"]))
+    return items
+
+
+def _hh_missing(subset: str, data_dir: str | None) -> str:
+    return (f"hh-rlhf {subset} was not found under paths.data_dir={data_dir} (expected "
+            f"hh-rlhf/{subset}/*.jsonl.gz) and could not be downloaded. Set paths.data_dir or "
+            f"CAI_DATA_DIR, or use data=builtin.")

@@ -1,0 +1,44 @@
+"""The `vllm` backend (optional extra, for GPUs): offline `vllm.LLM` with prefix caching and
+tensor parallelism, behind the same interface as the `hf` backend.
+
+Install with `pip install -e ".[vllm]"` on a CUDA machine; select with `generation=vllm`.
+"""
+
+from __future__ import annotations
+
+from cai.errors import ConfigError
+from cai.generation.base import Generation, GenerationEngine, Request
+
+
+class VLLMEngine(GenerationEngine):
+    def __init__(self, model_dir: str, gen_cfg, dtype: str = "auto", trust_remote_code: bool = False):
+        try:
+            from vllm import LLM
+        except ImportError as error:
+            raise ConfigError("generation.backend=vllm needs vLLM: `pip install -e \".[vllm]\"` on a "
+                              "CUDA machine, or use generation=hf.") from error
+        self.llm = LLM(
+            model=model_dir,
+            dtype=dtype if dtype != "auto" else "auto",
+            enable_prefix_caching=True,  # the shared few-shot block is computed once
+            tensor_parallel_size=int(gen_cfg.get("tensor_parallel_size", 1)),
+            gpu_memory_utilization=float(gen_cfg.get("gpu_memory_utilization", 0.85)),
+            trust_remote_code=trust_remote_code,
+            seed=0,
+        )
+
+    def generate(self, requests: list[Request], prefix: str = "", desc: str = "generate") -> list[Generation]:
+        from vllm import SamplingParams
+
+        params = [SamplingParams(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_new_tokens,
+                                 stop=list(r.stop), seed=r.seed) for r in requests]
+        outputs = self.llm.generate([prefix + r.prompt for r in requests], params, use_tqdm=True)
+        results = []
+        for output in outputs:
+            sample = output.outputs[0]
+            results.append(Generation(
+                text=sample.text.strip(), num_tokens=len(sample.token_ids),
+                finish_reason="stop" if sample.finish_reason == "stop" else "length",
+                prompt_tokens=len(output.prompt_token_ids),
+            ))
+        return results
