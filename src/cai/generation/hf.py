@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cai.generation.base import Generation, GenerationEngine, Request
-from cai.generation.shared_prefix import ATTENTION_NAME, PrefixCache
+from cai.generation.shared_prefix import ATTENTION_NAME, PrefixCache, SuffixCache
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +89,6 @@ class HFEngine(GenerationEngine):
     @torch.no_grad()
     def _generate_batch(self, encoded: list[list[int]], requests: list[Request],
                         prefix: PrefixCache | None) -> list[Generation]:
-        from transformers import DynamicCache
-
         model, device = self.model, self.device
         batch = len(encoded)
         max_new = max(r.max_new_tokens for r in requests)
@@ -105,24 +103,25 @@ class HFEngine(GenerationEngine):
         prefix_len = prefix.length if prefix is not None else 0
         positions = (prefix_len + key_mask.long().cumsum(1) - 1).clamp(min=0)
         generators = [torch.Generator(device="cpu").manual_seed(r.seed) for r in requests]
-        stop_ids = self.stop_token_ids.to(device)
+        stop_ids_set = set(self.stop_token_ids.tolist())
 
         previous_attention = model.config._attn_implementation
         model.set_attn_implementation(ATTENTION_NAME)
         try:
-            cache = DynamicCache(config=model.config)
+            cache = SuffixCache(model.config, capacity=width + max_new)
             live = list(range(batch))  # rows still generating, in cache order
             tokens: list[list[int]] = [[] for _ in range(batch)]
             finish = ["length"] * batch
             logits = model(input_ids=input_ids, position_ids=positions, cache=cache, use_cache=True,
                            logits_to_keep=1, cai_prefix=prefix, cai_key_mask=key_mask).logits[:, -1]
+            cache.advance(width)
             self.stats["prefill_tokens"] += int(key_mask.sum())
             for step in range(max_new):
                 next_ids = self._sample(logits, [requests[i] for i in live], [generators[i] for i in live])
                 keep = []
                 for slot, row in enumerate(live):
                     token = int(next_ids[slot])
-                    if token in stop_ids:
+                    if token in stop_ids_set:
                         finish[row] = "stop"
                         continue
                     tokens[row].append(token)
@@ -144,6 +143,7 @@ class HFEngine(GenerationEngine):
                 key_mask = torch.cat([key_mask, key_mask.new_ones(len(live), 1)], dim=1)
                 logits = model(input_ids=next_ids[:, None], position_ids=step_positions, cache=cache,
                                use_cache=True, cai_prefix=prefix, cai_key_mask=key_mask).logits[:, -1]
+                cache.advance(1)
         finally:
             model.set_attn_implementation(previous_attention)
         return [self._finish(tokens[row], requests[row], finish[row], len(encoded[row]))
@@ -151,22 +151,22 @@ class HFEngine(GenerationEngine):
 
     @staticmethod
     def _sample(logits: torch.Tensor, requests: list[Request], generators) -> torch.Tensor:
-        """One token per row: greedy at temperature 0, else top-p sampling with the row's own
-        generator (so a row's sample does not depend on its batch-mates)."""
+        """One token per row: greedy at temperature 0, else top-p sampling by an exponential race
+        (argmax of p / E, E ~ Exp(1), equivalent to drawing from p) with noise from the row's own
+        generator: a row's sample does not depend on its batch-mates, and the small numeric
+        differences bf16 shows between batch shapes rarely change it."""
         logits = logits.float().cpu()
-        out = torch.empty(len(requests), dtype=torch.long)
-        for row, request in enumerate(requests):
-            if request.temperature <= 0:
-                out[row] = int(logits[row].argmax())
-                continue
-            probs = torch.softmax(logits[row] / request.temperature, dim=-1)
-            if request.top_p < 1.0:
-                sorted_probs, sorted_ids = probs.sort(descending=True)
-                cut = sorted_probs.cumsum(0) - sorted_probs > request.top_p
-                sorted_probs[cut] = 0.0
-                probs = torch.zeros_like(probs).scatter_(0, sorted_ids, sorted_probs)
-            out[row] = int(torch.multinomial(probs, 1, generator=generators[row]))
-        return out
+        temperature = torch.tensor([max(r.temperature, 1e-6) for r in requests])[:, None]
+        probs = torch.softmax(logits / temperature, dim=-1)
+        if any(r.top_p < 1.0 for r in requests):  # nucleus: keep the smallest set with mass top_p
+            sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
+            top_p = torch.tensor([r.top_p for r in requests])[:, None]
+            sorted_probs = sorted_probs.masked_fill(sorted_probs.cumsum(-1) - sorted_probs > top_p, 0.0)
+            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        uniform = torch.stack([torch.rand(probs.shape[-1], generator=g) for g in generators])
+        sampled = (probs / uniform.log_().neg_()).argmax(-1)  # -log(U) ~ Exp(1)
+        greedy = torch.tensor([r.temperature <= 0 for r in requests])
+        return torch.where(greedy, logits.argmax(-1), sampled)
 
     def _hit_stop_string(self, tokens: list[int], stops: tuple[str, ...]) -> bool:
         if not stops:

@@ -78,19 +78,65 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
                                              scale=scaling, enable_gqa=groups > 1)
         return out.transpose(1, 2).contiguous(), None
 
-    # decode (q_len == 1): group query heads by kv head, read the prefix once for all rows
+    # decode (q_len == 1): the batch's query heads become rows of one GEMM per kv head, so the
+    # prefix keys/values are read once for the whole batch and never copied.
     grouped = query.reshape(batch, kv_heads, groups, dim)  # [B, Hkv, g, d]
     scores = torch.matmul(grouped, key.transpose(-1, -2)) * scaling  # [B, Hkv, g, S]
     scores = scores.masked_fill(~visible[:, None, :, :], float("-inf"))
     if prefix_len:
         layer = module.layer_idx
-        prefix_scores = torch.matmul(grouped, cai_prefix.keys[layer].transpose(-1, -2)) * scaling
+        rows = grouped.permute(1, 0, 2, 3).reshape(kv_heads, batch * groups, dim)  # [Hkv, B*g, d]
+        prefix_scores = torch.bmm(rows, cai_prefix.keys[layer][0].transpose(-1, -2)) * scaling
+        prefix_scores = prefix_scores.reshape(kv_heads, batch, groups, prefix_len).permute(1, 0, 2, 3)
         scores = torch.cat([prefix_scores, scores], dim=-1)  # [B, Hkv, g, P + S]
     probs = torch.softmax(scores.float(), dim=-1).to(value.dtype)
-    out = torch.matmul(probs[..., prefix_len:], value)
+    out = torch.matmul(probs[..., prefix_len:], value)  # [B, Hkv, g, d]
     if prefix_len:
-        out = out + torch.matmul(probs[..., :prefix_len], cai_prefix.values[module.layer_idx])
+        prefix_probs = probs[..., :prefix_len].permute(1, 0, 2, 3).reshape(kv_heads, batch * groups, prefix_len)
+        prefix_out = torch.bmm(prefix_probs, cai_prefix.values[layer][0])  # [Hkv, B*g, d]
+        out = out + prefix_out.reshape(kv_heads, batch, groups, dim).permute(1, 0, 2, 3)
     return out.reshape(batch, q_heads, 1, dim).transpose(1, 2).contiguous(), None
+
+
+class SuffixCache(DynamicCache):
+    """Per-row key/value cache of the tokens after the shared prefix, in preallocated buffers
+    that grow by doubling: a decode step writes one column instead of copying the whole cache
+    (DynamicCache concatenates, which copies O(length) bytes per layer per step)."""
+
+    def __init__(self, config, capacity: int = 256):
+        super().__init__(config=config)
+        self.capacity = capacity
+        self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.length = 0
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        """key_states, value_states: [B, Hkv, new, d]. Returns views [B, Hkv, length, d]."""
+        new = key_states.shape[2]
+        start = self.length
+        keys, values = self.buffers.get(layer_idx, (None, None))
+        if keys is None or start + new > keys.shape[2]:
+            size = max(self.capacity, 2 * (start + new))
+            grown_k = key_states.new_empty(*key_states.shape[:2], size, key_states.shape[3])
+            grown_v = value_states.new_empty(*value_states.shape[:2], size, value_states.shape[3])
+            if keys is not None:
+                grown_k[:, :, :start] = keys[:, :, :start]
+                grown_v[:, :, :start] = values[:, :, :start]
+            keys, values = grown_k, grown_v
+            self.buffers[layer_idx] = (keys, values)
+        keys[:, :, start:start + new] = key_states
+        values[:, :, start:start + new] = value_states
+        return keys[:, :, :start + new], values[:, :, :start + new]
+
+    def advance(self, new: int) -> None:
+        """Called by the engine after each forward pass (all layers wrote `new` columns)."""
+        self.length += new
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        for layer, (keys, values) in self.buffers.items():
+            self.buffers[layer] = (keys.index_select(0, indices), values.index_select(0, indices))
 
 
 def _no_mask(*args, **kwargs):

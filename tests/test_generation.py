@@ -1,0 +1,80 @@
+"""The hf engine against transformers' own `generate`, stop strings, seeded sampling."""
+
+import pytest
+import torch
+
+from cai.config import load_model_preset
+from cai.generation.base import Request
+from cai.generation.hf import HFEngine
+from cai.models import load_model
+
+PREFIX = "\n\nHuman: What is two plus two?\n\nAssistant: Four.\n\nHuman: Name a colour.\n\nAssistant: Blue." * 5
+PROMPTS = ["\n\nHuman: How do I bake bread?\n\nAssistant:", "\n\nHuman: Hi\n\nAssistant:",
+           "\n\nHuman: Tell me about cats and their habits at night, please.\n\nAssistant:"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from cai.config import compose
+
+    cache = compose([]).paths.cache_dir
+    return load_model(load_model_preset("tiny"), cache)
+
+
+def reference(model, tokenizer, text, max_new_tokens):
+    ids = tokenizer(text, return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return out[0, ids.input_ids.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("prefix", ["", PREFIX])
+def test_greedy_matches_transformers_generate(tiny, prefix):
+    model, tokenizer = tiny
+    engine = HFEngine(model, tokenizer, batch_size=2, progress=False)
+    out = engine.generate([Request(p, max_new_tokens=12, temperature=0) for p in PROMPTS], prefix=prefix)
+    for prompt, generation in zip(PROMPTS, out, strict=True):
+        expected = reference(model, tokenizer, prefix + prompt, 12)
+        assert generation.text == tokenizer.decode(expected, skip_special_tokens=True).strip()
+        assert generation.num_tokens == 12 and generation.finish_reason == "length"
+
+
+def test_prefix_cache_changes_nothing_but_speed(tiny):
+    model, tokenizer = tiny
+    requests = [Request(p, max_new_tokens=10, temperature=1.0, seed=i) for i, p in enumerate(PROMPTS)]
+    cached = HFEngine(model, tokenizer, progress=False).generate(requests, prefix=PREFIX)
+    plain = HFEngine(model, tokenizer, prefix_cache=False, progress=False).generate(requests, prefix=PREFIX)
+    assert [g.text for g in cached] == [g.text for g in plain]
+
+
+def test_sampling_is_seeded_per_request(tiny):
+    model, tokenizer = tiny
+    requests = [Request(p, max_new_tokens=10, temperature=1.0, seed=i) for i, p in enumerate(PROMPTS)]
+    batched = HFEngine(model, tokenizer, batch_size=3, progress=False).generate(requests, prefix=PREFIX)
+    single = HFEngine(model, tokenizer, batch_size=1, progress=False).generate(requests, prefix=PREFIX)
+    assert [g.text for g in batched] == [g.text for g in single]
+    reseeded = [Request(r.prompt, r.max_new_tokens, r.temperature, seed=r.seed + 100) for r in requests]
+    other = HFEngine(model, tokenizer, progress=False).generate(reseeded, prefix=PREFIX)
+    assert [g.text for g in other] != [g.text for g in batched]
+
+
+def test_stop_string_cuts_the_text(tiny):
+    model, tokenizer = tiny
+    engine = HFEngine(model, tokenizer, progress=False)
+    free = engine.generate([Request(PROMPTS[0], max_new_tokens=20, temperature=0)])[0]
+    tokens = tokenizer(free.text, add_special_tokens=False).input_ids
+    stop = tokenizer.decode(tokens[3:5])  # a piece the model will produce
+    assert stop.strip()
+    cut = engine.generate([Request(PROMPTS[0], max_new_tokens=20, temperature=0, stop=(stop,))])[0]
+    assert cut.finish_reason == "stop" and stop not in cut.text
+    assert free.text.startswith(cut.text) and cut.num_tokens < 20
+
+
+def test_end_token_finishes_a_row(tiny):
+    model, tokenizer = tiny
+    with torch.no_grad():  # make the end token the most likely next token, always
+        model.lm_head.weight.data[tokenizer.eos_token_id] += 100.0
+        try:
+            out = HFEngine(model, tokenizer, progress=False).generate([Request(PROMPTS[1], max_new_tokens=8, temperature=0)])
+        finally:
+            model.lm_head.weight.data[tokenizer.eos_token_id] -= 100.0
+    assert out[0].finish_reason == "stop" and out[0].num_tokens == 0 and out[0].text == ""
