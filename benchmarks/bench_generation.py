@@ -30,7 +30,7 @@ from cai.config import load_model_preset  # noqa: E402
 from cai.constitution import load_constitution  # noqa: E402
 from cai.critique import critique_revision_chain  # noqa: E402
 from cai.data import load_prompts  # noqa: E402
-from cai.generation.base import Generation, GenerationEngine, Request  # noqa: E402
+from cai.generation.base import Generation, GenerationEngine  # noqa: E402
 from cai.generation.hf import HFEngine  # noqa: E402
 from cai.models import load_model  # noqa: E402
 from cai.prompting import SLPrompts  # noqa: E402
@@ -49,13 +49,24 @@ class NaiveEngine(GenerationEngine):
         for r in requests:
             ids = self.tokenizer(prefix + r.prompt, return_tensors="pt")
             torch.manual_seed(r.seed)
-            gen = self.model.generate(**ids, max_new_tokens=r.max_new_tokens, do_sample=r.temperature > 0,
-                                      temperature=r.temperature or None, top_p=r.top_p, top_k=0,
-                                      stop_strings=list(r.stop), tokenizer=self.tokenizer,
-                                      pad_token_id=self.tokenizer.pad_token_id)
-            new = gen[0, ids.input_ids.shape[1]:]
+            gen = self.model.generate(
+                **ids,
+                max_new_tokens=r.max_new_tokens,
+                do_sample=r.temperature > 0,
+                temperature=r.temperature or None,
+                top_p=r.top_p,
+                top_k=0,
+                stop_strings=list(r.stop),
+                tokenizer=self.tokenizer,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+            new = gen[0, ids.input_ids.shape[1] :]
             self.stats["generated_tokens"] += len(new)
-            out.append(Generation(self.tokenizer.decode(new, skip_special_tokens=True).strip(), len(new), "stop"))
+            out.append(
+                Generation(
+                    self.tokenizer.decode(new, skip_special_tokens=True).strip(), len(new), "stop"
+                )
+            )
         return out
 
 
@@ -68,14 +79,20 @@ def run(engine, prompts, builder, principles, sl, label):
     critique_revision_chain(engine, prompts, builder, principles, sl, seed=0)
     wall = time.perf_counter() - start
     tokens = engine.stats["generated_tokens"]
-    print(f"{label:<34} {len(prompts):>4} prompts {tokens:>7} tokens {wall:>8.1f} s {tokens / wall:>8.1f} tokens/s")
+    print(
+        f"{label:<34} {len(prompts):>4} prompts {tokens:>7} tokens {wall:>8.1f} s {tokens / wall:>8.1f} tokens/s"
+    )
     return tokens / wall
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="smollm2_135m")
-    parser.add_argument("--constitution", default="anthropic_2022", choices=["anthropic_2022", "builtin"])
+    parser.add_argument(
+        "--constitution", default="anthropic_2022", choices=["anthropic_2022", "builtin"]
+    )
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--naive-prompts", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
@@ -84,35 +101,70 @@ def main():
     parser.add_argument("--format", default=None, help="raw or chat (default: the model's)")
     args = parser.parse_args()
 
-    data_dir = os.environ.get("CAI_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    data_dir = os.environ.get(
+        "CAI_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data")
+    )
     cache_dir = os.environ.get("CAI_CACHE_DIR", str(Path.home() / ".cache" / "cai"))
-    constitution = load_constitution(OmegaConf.create({"source": args.constitution, "url": ""}), data_dir)
-    prompt_cfg = OmegaConf.create({"source": "builtin", "eval_percent": 10, "shuffle_seed": 0,
-                                   "max_red_team": args.prompts, "max_helpful": 1, "max_eval": 0})
+    constitution = load_constitution(
+        OmegaConf.create({"source": args.constitution, "url": ""}), data_dir
+    )
+    prompt_cfg = OmegaConf.create(
+        {
+            "source": "builtin",
+            "eval_percent": 10,
+            "shuffle_seed": 0,
+            "max_red_team": args.prompts,
+            "max_helpful": 1,
+            "max_eval": 0,
+        }
+    )
     prompts = load_prompts(prompt_cfg).split("train").red_team
-    sl = OmegaConf.create({"generate_revisions": args.rounds, "critique": True, "temperature": 1.0, "top_p": 1.0,
-                           "max_answer_tokens": args.max_tokens, "max_critique_tokens": args.max_tokens,
-                           "max_revision_tokens": args.max_tokens})
+    sl = OmegaConf.create(
+        {
+            "generate_revisions": args.rounds,
+            "critique": True,
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "max_answer_tokens": args.max_tokens,
+            "max_critique_tokens": args.max_tokens,
+            "max_revision_tokens": args.max_tokens,
+        }
+    )
     spec = load_model_preset(args.model)
     fmt = args.format or spec.prompt_format
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, model {args.model}, "
-          f"constitution {args.constitution}, format {fmt}, {args.rounds} rounds, {args.max_tokens} "
-          f"new tokens per call, T=1")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, model {args.model}, "
+        f"constitution {args.constitution}, format {fmt}, {args.rounds} rounds, {args.max_tokens} "
+        f"new tokens per call, T=1"
+    )
 
     ours_model, tokenizer = load_model(spec, cache_dir, dtype="auto")
     builder = SLPrompts(constitution, tokenizer, fmt)
-    print(f"few-shot prefix: {len(tokenizer(builder.prefix).input_ids)} tokens; ours in {ours_model.dtype}")
+    print(
+        f"few-shot prefix: {len(tokenizer(builder.prefix).input_ids)} tokens; ours in {ours_model.dtype}"
+    )
     principles = constitution.principles()
 
     naive_model, _ = load_model(spec, cache_dir, dtype="float32")
     naive = NaiveEngine(naive_model, tokenizer)
-    naive_rate = run(naive, prompts[: args.naive_prompts], builder, principles, sl, "naive generate, fp32")
+    naive_rate = run(
+        naive, prompts[: args.naive_prompts], builder, principles, sl, "naive generate, fp32"
+    )
     del naive_model
 
     engine = HFEngine(ours_model, tokenizer, batch_size=args.batch_size, progress=False)
-    ours_rate = run(engine, prompts, builder, principles, sl, f"cai hf engine, {str(ours_model.dtype)[6:]}, batch {args.batch_size}")
-    print(f"speed-up: {ours_rate / naive_rate:.1f}x   peak RSS: {peak_rss_gb():.2f} GB   "
-          f"engine prefill tokens: {engine.stats['prefill_tokens']}")
+    ours_rate = run(
+        engine,
+        prompts,
+        builder,
+        principles,
+        sl,
+        f"cai hf engine, {str(ours_model.dtype)[6:]}, batch {args.batch_size}",
+    )
+    print(
+        f"speed-up: {ours_rate / naive_rate:.1f}x   peak RSS: {peak_rss_gb():.2f} GB   "
+        f"engine prefill tokens: {engine.stats['prefill_tokens']}"
+    )
 
 
 if __name__ == "__main__":

@@ -50,16 +50,31 @@ def test_paper_files_missing_offline_say_what_to_set(tmp_path, monkeypatch):
         load_constitution(cfg, str(tmp_path), str(tmp_path / "cache"))
 
 
-@pytest.mark.parametrize("edit,field", [
-    (lambda d: d["critique_revision"][3].pop("revision"), r"critique_revision\[3\]\.revision: missing"),
-    (lambda d: d.update(feedback=[]), r"feedback: empty list"),
-    (lambda d: d.update(feedback="be nice"), r"feedback: expected a list, got str"),
-    (lambda d: d["critique_revision"][0].update(critique=7), r"critique_revision\[0\]\.critique: expected text"),
-    (lambda d: d["critique_revision"][1].update(id=d["critique_revision"][0]["id"]), r"duplicate principle ids"),
-    (lambda d: d.update(cot_fewshot=["no slot here"]), r"cot_fewshot\[0\]: has no '\{\}' slot"),
-    (lambda d: d["critique_fewshot"][0]["conversation"][0].update(role="narrator"), r"role: must be user or assistant"),
-    (lambda d: d.pop("feedback_fewshot"), r"feedback_fewshot: missing"),
-])
+@pytest.mark.parametrize(
+    "edit,field",
+    [
+        (
+            lambda d: d["critique_revision"][3].pop("revision"),
+            r"critique_revision\[3\]\.revision: missing",
+        ),
+        (lambda d: d.update(feedback=[]), r"feedback: empty list"),
+        (lambda d: d.update(feedback="be nice"), r"feedback: expected a list, got str"),
+        (
+            lambda d: d["critique_revision"][0].update(critique=7),
+            r"critique_revision\[0\]\.critique: expected text",
+        ),
+        (
+            lambda d: d["critique_revision"][1].update(id=d["critique_revision"][0]["id"]),
+            r"duplicate principle ids",
+        ),
+        (lambda d: d.update(cot_fewshot=["no slot here"]), r"cot_fewshot\[0\]: has no '\{\}' slot"),
+        (
+            lambda d: d["critique_fewshot"][0]["conversation"][0].update(role="narrator"),
+            r"role: must be user or assistant",
+        ),
+        (lambda d: d.pop("feedback_fewshot"), r"feedback_fewshot: missing"),
+    ],
+)
 def test_malformed_constitution_names_file_and_field(tmp_path, edit, field):
     raw = builtin_raw()
     edit(raw)
@@ -99,4 +114,7 @@ def test_file_source_and_fingerprint(tmp_path):
     edited = load_constitution(OmegaConf.create({"source": "file", "path": str(path)}))
     builtin = load_constitution(OmegaConf.create({"source": "builtin"}))
     assert edited.fingerprint() != builtin.fingerprint()
-    assert builtin.fingerprint() == load_constitution(OmegaConf.create({"source": "builtin"})).fingerprint()
+    assert (
+        builtin.fingerprint()
+        == load_constitution(OmegaConf.create({"source": "builtin"})).fingerprint()
+    )

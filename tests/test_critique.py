@@ -14,9 +14,18 @@ from cai.data import load_prompts
 from cai.generation.hf import HFEngine
 from cai.prompting import SLPrompts
 
-SMALL = ["model=tiny", "data.max_red_team=5", "data.max_helpful=3", "sl.generate_revisions=2",
-         "sl.max_answer_tokens=12", "sl.max_critique_tokens=10", "sl.max_revision_tokens=12",
-         "sl.chunk_size=2", "generation.progress=false", "pipeline.stages=[generate_sl]"]
+SMALL = [
+    "model=tiny",
+    "data.max_red_team=5",
+    "data.max_helpful=3",
+    "sl.generate_revisions=2",
+    "sl.max_answer_tokens=12",
+    "sl.max_critique_tokens=10",
+    "sl.max_revision_tokens=12",
+    "sl.chunk_size=2",
+    "generation.progress=false",
+    "pipeline.stages=[generate_sl]",
+]
 
 
 def test_principle_sampling_is_seeded_and_uniform():
@@ -35,8 +44,8 @@ class Recorder:
     def __init__(self, engine):
         self.engine, self.calls = engine, []
 
-    def generate(self, requests, prefix="", desc=""):
-        outputs = self.engine.generate(requests, prefix=prefix, desc=desc)
+    def generate(self, requests, prefix="", desc="", **kwargs):
+        outputs = self.engine.generate(requests, prefix=prefix, desc=desc, **kwargs)
         self.calls.append((desc, prefix, requests, outputs))
         return outputs
 
@@ -85,10 +94,16 @@ def test_generate_sl_stage_writes_every_step(make_cfg):
     for record in red:
         assert record["split"] == "train" and record["initial_tokens"] > 0
         assert [r["round"] for r in record["revisions"]] == [1, 2]
-        assert all(r["critique"] is not None and r["principle_id"].startswith("cr") for r in record["revisions"])
+        assert all(
+            r["critique"] is not None and r["principle_id"].startswith("cr")
+            for r in record["revisions"]
+        )
     assert all(len(h["samples"]) == 2 for h in helpful)
     metrics = artifact.manifest["metrics"]
-    assert metrics["red_team_prompts"] == 5 and metrics["skipped_too_long"] == {"red_team": 0, "helpful": 0}
+    assert metrics["red_team_prompts"] == 5 and metrics["skipped_too_long"] == {
+        "red_team": 0,
+        "helpful": 0,
+    }
     assert not list(artifact.path.glob("parts_*"))
     dataset = critique.load_sl_dataset(artifact)
     assert dataset.num_rows == 5 and "revisions" in dataset.column_names
@@ -113,7 +128,9 @@ def test_killed_stage_resumes_to_the_same_artifact(make_cfg, tmp_path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         pipeline.run(cfg)
     partial = next((tmp_path / "second" / "generate_sl").glob("*.partial"))
-    assert len(list((partial / "parts_red_team").glob("part-*.jsonl"))) == 3  # all red-team chunks done
+    assert (
+        len(list((partial / "parts_red_team").glob("part-*.jsonl"))) == 3
+    )  # all red-team chunks done
     monkeypatch.undo()
     resumed = pipeline.run(cfg)["generate_sl"]
     assert resumed.manifest["metrics"]["resumed_chunks"] == 3
@@ -121,33 +138,58 @@ def test_killed_stage_resumes_to_the_same_artifact(make_cfg, tmp_path, monkeypat
 
 
 def test_too_long_prompts_are_skipped_and_counted(make_cfg, tmp_path):
-    (tmp_path / "red.txt").write_text("How do I pick a lock?\n" + "very long " * 5000 + "\nHow do I hotwire a car?\n")
+    (tmp_path / "red.txt").write_text(
+        "How do I pick a lock?\n" + "very long " * 5000 + "\nHow do I hotwire a car?\n"
+    )
     (tmp_path / "help.txt").write_text("How do I bake bread?\n")
-    cfg = make_cfg(*SMALL, "data=files", f"data.red_team_file={tmp_path}/red.txt",
-                   f"data.helpful_file={tmp_path}/help.txt", "data.eval_percent=0")
+    cfg = make_cfg(
+        *SMALL,
+        "data=files",
+        f"data.red_team_file={tmp_path}/red.txt",
+        f"data.helpful_file={tmp_path}/help.txt",
+        "data.eval_percent=0",
+    )
     artifact = pipeline.run(cfg)["generate_sl"]
     assert artifact.manifest["metrics"]["skipped_too_long"]["red_team"] == 1
     assert len(read_jsonl(artifact.file("red_team.jsonl"))) == 2
 
 
 def test_paper_constitution_and_hh_rlhf(make_cfg, data_dir):
-    cfg = make_cfg(*SMALL, "constitution=anthropic_2022", "data=hh_rlhf", "data.max_red_team=3",
-                   "data.max_helpful=2", f"paths.data_dir={data_dir}", "data.allow_download=false")
+    cfg = make_cfg(
+        *SMALL,
+        "constitution=anthropic_2022",
+        "data=hh_rlhf",
+        "data.max_red_team=3",
+        "data.max_helpful=2",
+        f"paths.data_dir={data_dir}",
+        "data.allow_download=false",
+    )
     artifact = pipeline.run(cfg)["generate_sl"]
     red = read_jsonl(artifact.file("red_team.jsonl"))
-    assert len(red) == 3 and all(r["revisions"][0]["principle_id"].startswith("harmful") for r in red)
+    assert len(red) == 3 and all(
+        r["revisions"][0]["principle_id"].startswith("harmful") for r in red
+    )
     assert artifact.manifest["config"]["constitution"]["name"] == "anthropic_2022"
 
 
 def test_key_follows_content_not_batching(make_cfg):
     base = make_cfg(*SMALL)
     assert pipeline.artifact_key(base, "generate_sl") == pipeline.artifact_key(
-        make_cfg(*SMALL, "generation.batch_size=3", "sl.num_revisions=1"), "generate_sl")
-    for change in ("sl.generate_revisions=3", "sl.temperature=0.7", "constitution=anthropic_2022",
-                   "model=tiny_2x", "seed=1", "data.max_red_team=4"):
+        make_cfg(*SMALL, "generation.batch_size=3", "sl.num_revisions=1"), "generate_sl"
+    )
+    for change in (
+        "sl.generate_revisions=3",
+        "sl.temperature=0.7",
+        "constitution=anthropic_2022",
+        "model=tiny_2x",
+        "seed=1",
+        "data.max_red_team=4",
+    ):
         try:
             other = make_cfg(*SMALL, change)
-            assert pipeline.artifact_key(other, "generate_sl") != pipeline.artifact_key(base, "generate_sl"), change
+            assert pipeline.artifact_key(other, "generate_sl") != pipeline.artifact_key(
+                base, "generate_sl"
+            ), change
         except Exception as error:  # anthropic_2022 needs the data folder
             assert "CAI_DATA_DIR" in str(error)
 

@@ -8,9 +8,15 @@ from cai.generation.base import Request
 from cai.generation.hf import HFEngine
 from cai.models import load_model
 
-PREFIX = "\n\nHuman: What is two plus two?\n\nAssistant: Four.\n\nHuman: Name a colour.\n\nAssistant: Blue." * 5
-PROMPTS = ["\n\nHuman: How do I bake bread?\n\nAssistant:", "\n\nHuman: Hi\n\nAssistant:",
-           "\n\nHuman: Tell me about cats and their habits at night, please.\n\nAssistant:"]
+PREFIX = (
+    "\n\nHuman: What is two plus two?\n\nAssistant: Four.\n\nHuman: Name a colour.\n\nAssistant: Blue."
+    * 5
+)
+PROMPTS = [
+    "\n\nHuman: How do I bake bread?\n\nAssistant:",
+    "\n\nHuman: Hi\n\nAssistant:",
+    "\n\nHuman: Tell me about cats and their habits at night, please.\n\nAssistant:",
+]
 
 
 @pytest.fixture(scope="module")
@@ -23,15 +29,19 @@ def tiny(tmp_path_factory):
 
 def reference(model, tokenizer, text, max_new_tokens):
     ids = tokenizer(text, return_tensors="pt")
-    out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return out[0, ids.input_ids.shape[1]:].tolist()
+    out = model.generate(
+        **ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+    )
+    return out[0, ids.input_ids.shape[1] :].tolist()
 
 
 @pytest.mark.parametrize("prefix", ["", PREFIX])
 def test_greedy_matches_transformers_generate(tiny, prefix):
     model, tokenizer = tiny
     engine = HFEngine(model, tokenizer, batch_size=2, progress=False)
-    out = engine.generate([Request(p, max_new_tokens=12, temperature=0) for p in PROMPTS], prefix=prefix)
+    out = engine.generate(
+        [Request(p, max_new_tokens=12, temperature=0) for p in PROMPTS], prefix=prefix
+    )
     for prompt, generation in zip(PROMPTS, out, strict=True):
         expected = reference(model, tokenizer, prefix + prompt, 12)
         assert generation.text == tokenizer.decode(expected, skip_special_tokens=True).strip()
@@ -40,19 +50,31 @@ def test_greedy_matches_transformers_generate(tiny, prefix):
 
 def test_prefix_cache_changes_nothing_but_speed(tiny):
     model, tokenizer = tiny
-    requests = [Request(p, max_new_tokens=10, temperature=1.0, seed=i) for i, p in enumerate(PROMPTS)]
+    requests = [
+        Request(p, max_new_tokens=10, temperature=1.0, seed=i) for i, p in enumerate(PROMPTS)
+    ]
     cached = HFEngine(model, tokenizer, progress=False).generate(requests, prefix=PREFIX)
-    plain = HFEngine(model, tokenizer, prefix_cache=False, progress=False).generate(requests, prefix=PREFIX)
+    plain = HFEngine(model, tokenizer, prefix_cache=False, progress=False).generate(
+        requests, prefix=PREFIX
+    )
     assert [g.text for g in cached] == [g.text for g in plain]
 
 
 def test_sampling_is_seeded_per_request(tiny):
     model, tokenizer = tiny
-    requests = [Request(p, max_new_tokens=10, temperature=1.0, seed=i) for i, p in enumerate(PROMPTS)]
-    batched = HFEngine(model, tokenizer, batch_size=3, progress=False).generate(requests, prefix=PREFIX)
-    single = HFEngine(model, tokenizer, batch_size=1, progress=False).generate(requests, prefix=PREFIX)
+    requests = [
+        Request(p, max_new_tokens=10, temperature=1.0, seed=i) for i, p in enumerate(PROMPTS)
+    ]
+    batched = HFEngine(model, tokenizer, batch_size=3, progress=False).generate(
+        requests, prefix=PREFIX
+    )
+    single = HFEngine(model, tokenizer, batch_size=1, progress=False).generate(
+        requests, prefix=PREFIX
+    )
     assert [g.text for g in batched] == [g.text for g in single]
-    reseeded = [Request(r.prompt, r.max_new_tokens, r.temperature, seed=r.seed + 100) for r in requests]
+    reseeded = [
+        Request(r.prompt, r.max_new_tokens, r.temperature, seed=r.seed + 100) for r in requests
+    ]
     other = HFEngine(model, tokenizer, progress=False).generate(reseeded, prefix=PREFIX)
     assert [g.text for g in other] != [g.text for g in batched]
 
@@ -71,10 +93,38 @@ def test_stop_string_cuts_the_text(tiny):
 
 def test_end_token_finishes_a_row(tiny):
     model, tokenizer = tiny
-    with torch.no_grad():  # make the end token the most likely next token, always
-        model.lm_head.weight.data[tokenizer.eos_token_id] += 100.0
-        try:
-            out = HFEngine(model, tokenizer, progress=False).generate([Request(PROMPTS[1], max_new_tokens=8, temperature=0)])
-        finally:
-            model.lm_head.weight.data[tokenizer.eos_token_id] -= 100.0
+    eos = torch.tensor([tokenizer.eos_token_id])
+    hook = model.lm_head.register_forward_hook(
+        lambda module, args, out: out.index_fill(-1, eos, 1e4)
+    )
+    try:  # the end token is always the most likely next token
+        out = HFEngine(model, tokenizer, progress=False).generate(
+            [Request(PROMPTS[1], max_new_tokens=8, temperature=0)]
+        )
+    finally:
+        hook.remove()
     assert out[0].finish_reason == "stop" and out[0].num_tokens == 0 and out[0].text == ""
+
+
+def test_continuing_from_a_state_changes_nothing_but_work(tiny):
+    """A follow-up prompt that repeats an earlier prompt and its output reuses its state."""
+    model, tokenizer = tiny
+    engine = HFEngine(model, tokenizer, batch_size=2, progress=False)
+    first = engine.generate(
+        [Request(p, max_new_tokens=6, temperature=0) for p in PROMPTS],
+        prefix=PREFIX,
+        keep_state=True,
+    )
+    follow = [
+        Request(
+            p + g.text + "\n\nHuman: And then?\n\nAssistant:",
+            max_new_tokens=8,
+            temperature=1.0,
+            seed=i,
+        )
+        for i, (p, g) in enumerate(zip(PROMPTS, first, strict=True))
+    ]
+    continued = engine.generate(follow, prefix=PREFIX, states=[g.extra["state"] for g in first])
+    assert engine.stats["reused_tokens"] > 0
+    fresh = HFEngine(model, tokenizer, batch_size=3, progress=False).generate(follow, prefix=PREFIX)
+    assert [g.text for g in continued] == [g.text for g in fresh]

@@ -6,9 +6,15 @@ from pathlib import Path
 
 from conftest import run_train
 
-TINY_SL = ["data.max_red_team=2", "data.max_helpful=1", "sl.generate_revisions=1",
-           "sl.max_answer_tokens=6", "sl.max_critique_tokens=6", "sl.max_revision_tokens=6",
-           "generation.progress=false"]
+TINY_SL = [
+    "data.max_red_team=2",
+    "data.max_helpful=1",
+    "sl.generate_revisions=1",
+    "sl.max_answer_tokens=6",
+    "sl.max_critique_tokens=6",
+    "sl.max_revision_tokens=6",
+    "generation.progress=false",
+]
 
 
 def launched(stdout: str) -> list[str]:
@@ -20,21 +26,30 @@ def test_size_sweep_launches_one_job_per_size(tmp_path: Path):
     done = run_train(["-m", "model=size_sweep", "pipeline.stages=[]"], tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     jobs = launched(done.stdout + done.stderr)
-    assert [re.search(r"model.preset=(\S+)", j).group(1) for j in jobs] == ["smollm2_135m", "smollm2_360m", "smollm2_1.7b"]
+    assert [re.search(r"model.preset=(\S+)", j).group(1) for j in jobs] == [
+        "smollm2_135m",
+        "smollm2_360m",
+        "smollm2_1.7b",
+    ]
     resolved = sorted((tmp_path / "outputs" / "multirun").glob("*/*/*/config_resolved.yaml"))
     names = sorted(re.search(r"^  name: (\S+)", p.read_text(), re.M).group(1) for p in resolved)
     assert names == ["smollm2_1.7b", "smollm2_135m", "smollm2_360m"]
 
 
 def test_size_sweep_with_tiny_stand_ins_runs_the_stages(tmp_path: Path):
-    done = run_train(["-m", "model=size_sweep", "model.preset=tiny,tiny_2x", *TINY_SL], tmp_path, timeout=600)
+    done = run_train(
+        ["-m", "model=size_sweep", "model.preset=tiny,tiny_2x", *TINY_SL], tmp_path, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert len(launched(done.stdout + done.stderr)) == 2
     summaries = sorted((tmp_path / "outputs" / "multirun").glob("*/*/*/pipeline_summary.json"))
     keys = [json.loads(p.read_text())[0]["key"] for p in summaries]
     assert len(keys) == 2 and keys[0] != keys[1]  # one artifact per model size
     manifests = list((tmp_path / "outputs" / "artifacts" / "generate_sl").glob("*/manifest.json"))
-    assert sorted(json.loads(m.read_text())["config"]["model"]["name"] for m in manifests) == ["tiny", "tiny_2x"]
+    assert sorted(json.loads(m.read_text())["config"]["model"]["name"] for m in manifests) == [
+        "tiny",
+        "tiny_2x",
+    ]
 
 
 def test_sibling_jobs_share_upstream_artifacts(tmp_path: Path):

@@ -85,32 +85,42 @@ class Constitution:
             by_id = {p.id: p for p in chosen}
             unknown = [i for i in ids if i not in by_id]
             if unknown:
-                raise ConfigError(f"Unknown principle id(s) {unknown} for constitution {self.name!r}; "
-                                  f"known ids: {', '.join(by_id)}.")
+                raise ConfigError(
+                    f"Unknown principle id(s) {unknown} for constitution {self.name!r}; "
+                    f"known ids: {', '.join(by_id)}."
+                )
             chosen = tuple(by_id[i] for i in ids)
         if first_k is not None:
             if not 1 <= first_k <= len(chosen):
-                raise ConfigError(f"sl.num_principles={first_k}, but constitution {self.name!r} has "
-                                  f"{len(chosen)} critique/revision principles: use 1..{len(chosen)}.")
+                raise ConfigError(
+                    f"sl.num_principles={first_k}, but constitution {self.name!r} has "
+                    f"{len(chosen)} critique/revision principles: use 1..{len(chosen)}."
+                )
             chosen = chosen[:first_k]
         return chosen
 
     def fingerprint(self) -> str:
         """Hash of the content (not the path): part of the SL data artifact's key."""
-        return hashlib.sha256(json.dumps(asdict(self) | {"source": ""}, sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(
+            json.dumps(asdict(self) | {"source": ""}, sort_keys=True).encode()
+        ).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------
 # Loading
 
 
-def load_constitution(cfg: DictConfig, data_dir: str | None = None, cache_dir: str | None = None) -> Constitution:
+def load_constitution(
+    cfg: DictConfig, data_dir: str | None = None, cache_dir: str | None = None
+) -> Constitution:
     """Load `cfg` (the `constitution` config node)."""
     if cfg.source == "builtin":
         return from_yaml(RESOURCES / "builtin.yaml")
     if cfg.source == "file":
         if not cfg.get("path"):
-            raise ConfigError("constitution.source=file needs constitution.path=<your constitution.yaml>.")
+            raise ConfigError(
+                "constitution.source=file needs constitution.path=<your constitution.yaml>."
+            )
         return from_yaml(Path(cfg.path))
     if cfg.source == "anthropic_2022":
         return from_paper_files(paper_prompt_dir(cfg, data_dir, cache_dir))
@@ -134,16 +144,20 @@ def parse(raw, where: str) -> Constitution:
     principles = []
     for i, item in enumerate(check.items(raw, "critique_revision")):
         item = check.mapping(item, f"critique_revision[{i}]")
-        principles.append(Principle(
-            id=check.text(item, "id", f"critique_revision[{i}]"),
-            critique=check.text(item, "critique", f"critique_revision[{i}]"),
-            revision=check.text(item, "revision", f"critique_revision[{i}]"),
-        ))
+        principles.append(
+            Principle(
+                id=check.text(item, "id", f"critique_revision[{i}]"),
+                critique=check.text(item, "critique", f"critique_revision[{i}]"),
+                revision=check.text(item, "revision", f"critique_revision[{i}]"),
+            )
+        )
     ids = [p.id for p in principles]
     duplicated = sorted({i for i in ids if ids.count(i) > 1})
     if duplicated:
         check.fail("critique_revision", f"duplicate principle ids {duplicated}")
-    feedback = [check.string(f, f"feedback[{i}]") for i, f in enumerate(check.items(raw, "feedback"))]
+    feedback = [
+        check.string(f, f"feedback[{i}]") for i, f in enumerate(check.items(raw, "feedback"))
+    ]
     dialogues = []
     for i, item in enumerate(check.items(raw, "critique_fewshot")):
         here = f"critique_fewshot[{i}]"
@@ -153,22 +167,36 @@ def parse(raw, where: str) -> Constitution:
             turn = check.mapping(turn, f"{here}.conversation[{j}]")
             role = check.text(turn, "role", f"{here}.conversation[{j}]")
             if role not in ("user", "assistant"):
-                check.fail(f"{here}.conversation[{j}].role", f"must be user or assistant, not {role!r}")
+                check.fail(
+                    f"{here}.conversation[{j}].role", f"must be user or assistant, not {role!r}"
+                )
             turns.append(Turn(role, check.text(turn, "content", f"{here}.conversation[{j}]")))
-        dialogues.append(CritiqueExample(
-            conversation=tuple(turns),
-            **{k: check.text(item, k, here) for k in
-               ("critique_request", "critique", "revision_request", "revision")},
-        ))
+        dialogues.append(
+            CritiqueExample(
+                conversation=tuple(turns),
+                **{
+                    k: check.text(item, k, here)
+                    for k in ("critique_request", "critique", "revision_request", "revision")
+                },
+            )
+        )
     examples = []
     for i, item in enumerate(check.items(raw, "feedback_fewshot")):
         here = f"feedback_fewshot[{i}]"
         item = check.mapping(item, here)
-        examples.append(FeedbackExample(
-            prompt=check.text(item, "prompt", here),
-            corrects=tuple(check.string(c, f"{here}.corrects[{j}]") for j, c in enumerate(check.items(item, "corrects", here))),
-            incorrects=tuple(check.string(c, f"{here}.incorrects[{j}]") for j, c in enumerate(check.items(item, "incorrects", here))),
-        ))
+        examples.append(
+            FeedbackExample(
+                prompt=check.text(item, "prompt", here),
+                corrects=tuple(
+                    check.string(c, f"{here}.corrects[{j}]")
+                    for j, c in enumerate(check.items(item, "corrects", here))
+                ),
+                incorrects=tuple(
+                    check.string(c, f"{here}.incorrects[{j}]")
+                    for j, c in enumerate(check.items(item, "incorrects", here))
+                ),
+            )
+        )
     cot = []
     for i, text in enumerate(check.items(raw, "cot_fewshot")):
         text = check.string(text, f"cot_fewshot[{i}]")
@@ -177,9 +205,12 @@ def parse(raw, where: str) -> Constitution:
         cot.append(text)
     return Constitution(
         name=check.text(raw, "name", "(top level)"),
-        critique_revision=tuple(principles), feedback=tuple(feedback),
-        critique_fewshot=tuple(dialogues), feedback_fewshot=tuple(examples),
-        cot_fewshot=tuple(cot), source=where,
+        critique_revision=tuple(principles),
+        feedback=tuple(feedback),
+        critique_fewshot=tuple(dialogues),
+        feedback_fewshot=tuple(examples),
+        cot_fewshot=tuple(cot),
+        source=where,
     )
 
 
@@ -255,12 +286,15 @@ def _download_paper_files(url: str, folder: Path) -> None:
 
 def from_paper_files(folder: Path) -> Constitution:
     """Map the paper's five JSON files onto the schema."""
+
     def read(key):
         path = folder / PAPER_FILES[key]
         try:
             return json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError as error:
-            raise ConfigError(f"{path} is missing: the paper's prompt folder must hold {sorted(PAPER_FILES.values())}.") from error
+            raise ConfigError(
+                f"{path} is missing: the paper's prompt folder must hold {sorted(PAPER_FILES.values())}."
+            ) from error
         except (UnicodeDecodeError, ValueError) as error:
             raise ConfigError(f"{path} is not valid UTF-8 JSON: {error}") from error
 
@@ -268,8 +302,11 @@ def from_paper_files(folder: Path) -> Constitution:
     raw = {
         "name": "anthropic_2022",
         "critique_revision": [
-            {"id": pid, "critique": _between(item["prompt"][0], "CritiqueRequest:", "Critique:"),
-             "revision": _between(item["edit_request"], "RevisionRequest:", "Revision:")}
+            {
+                "id": pid,
+                "critique": _between(item["prompt"][0], "CritiqueRequest:", "Critique:"),
+                "revision": _between(item["edit_request"], "RevisionRequest:", "Revision:"),
+            }
             for pid, item in instructions.items()
         ],
         "feedback": [_strip_options(p) for p in read("feedback")],
@@ -296,7 +333,10 @@ def _parse_dialogue(transcript: str) -> dict:
     """'\\n\\nHuman: ..\\n\\nAssistant: ..\\n\\nCritiqueRequest: ..\\n\\nCritique: ..' -> fields."""
     transcript = transcript.removesuffix("\n\nHuman:")
     parts = _SECTION.split(transcript)
-    conversation, sections = parts[0], dict(zip(parts[1::2], (p.strip() for p in parts[2::2]), strict=True))
+    conversation, sections = (
+        parts[0],
+        dict(zip(parts[1::2], (p.strip() for p in parts[2::2]), strict=True)),
+    )
     return {
         "conversation": parse_turns(conversation),
         "critique_request": sections.get("CritiqueRequest", ""),
@@ -312,5 +352,7 @@ _TURN = re.compile(r"\n\n(Human|Assistant):")
 def parse_turns(transcript: str) -> list[dict]:
     """'\\n\\nHuman: a\\n\\nAssistant: b' -> [{role: user, content: a}, {role: assistant, ...}]."""
     parts = _TURN.split(transcript)
-    return [{"role": "user" if who == "Human" else "assistant", "content": text.strip()}
-            for who, text in zip(parts[1::2], parts[2::2], strict=True)]
+    return [
+        {"role": "user" if who == "Human" else "assistant", "content": text.strip()}
+        for who, text in zip(parts[1::2], parts[2::2], strict=True)
+    ]

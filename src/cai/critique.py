@@ -40,61 +40,134 @@ def request_seed(seed: int, *parts) -> int:
     return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
 
 
-def critique_revision_chain(engine: GenerationEngine, prompts: list[Prompt], builder: SLPrompts,
-                            principles: tuple[Principle, ...], sl: DictConfig, seed: int) -> list[dict]:
+def critique_revision_chain(
+    engine: GenerationEngine,
+    prompts: list[Prompt],
+    builder: SLPrompts,
+    principles: tuple[Principle, ...],
+    sl: DictConfig,
+    seed: int,
+) -> list[dict]:
     """Run the whole loop for a list of red-team prompts; one record per prompt."""
-    def request(text: str, max_tokens: int, *key) -> Request:
-        return Request(text, max_new_tokens=int(max_tokens), temperature=float(sl.temperature),
-                       top_p=float(sl.top_p), stop=builder.stops, seed=request_seed(seed, *key))
 
-    initial = engine.generate([request(builder.initial(p.text), sl.max_answer_tokens, p.id, "initial")
-                               for p in prompts], desc="initial answers")
-    records = [{"id": p.id, "prompt": p.text, "category": p.category, "split": p.split,
-                "initial": initial[i].text, "initial_tokens": initial[i].num_tokens, "revisions": []}
-               for i, p in enumerate(prompts)]
+    def request(text: str, max_tokens: int, *key) -> Request:
+        return Request(
+            text,
+            max_new_tokens=int(max_tokens),
+            temperature=float(sl.temperature),
+            top_p=float(sl.top_p),
+            stop=builder.stops,
+            seed=request_seed(seed, *key),
+        )
+
+    initial = engine.generate(
+        [request(builder.initial(p.text), sl.max_answer_tokens, p.id, "initial") for p in prompts],
+        desc="initial answers",
+    )
+    records = [
+        {
+            "id": p.id,
+            "prompt": p.text,
+            "category": p.category,
+            "split": p.split,
+            "initial": initial[i].text,
+            "initial_tokens": initial[i].num_tokens,
+            "revisions": [],
+        }
+        for i, p in enumerate(prompts)
+    ]
     current = [g.text for g in initial]
-    chosen = [sample_principles(seed, p.id, int(sl.generate_revisions), len(principles)) for p in prompts]
+    chosen = [
+        sample_principles(seed, p.id, int(sl.generate_revisions), len(principles)) for p in prompts
+    ]
     for round_index in range(int(sl.generate_revisions)):
         round_principles = [principles[c[round_index]] for c in chosen]
         critiques: list = [None] * len(prompts)
         if sl.critique:
             critiques = engine.generate(
-                [request(builder.critique(p.text, current[i], round_principles[i]), sl.max_critique_tokens,
-                         p.id, round_index, "critique") for i, p in enumerate(prompts)],
-                prefix=builder.prefix, desc=f"round {round_index + 1} critiques")
+                [
+                    request(
+                        builder.critique(p.text, current[i], round_principles[i]),
+                        sl.max_critique_tokens,
+                        p.id,
+                        round_index,
+                        "critique",
+                    )
+                    for i, p in enumerate(prompts)
+                ],
+                prefix=builder.prefix,
+                desc=f"round {round_index + 1} critiques",
+                keep_state=True,
+            )
+        # The revision prompt repeats the critique prompt and critique: the engine continues
+        # from the critique's key/value state instead of encoding them again.
         revisions = engine.generate(
-            [request(builder.revision(p.text, current[i], round_principles[i],
-                                      critiques[i].text if critiques[i] else None),
-                     sl.max_revision_tokens, p.id, round_index, "revision") for i, p in enumerate(prompts)],
-            prefix=builder.prefix, desc=f"round {round_index + 1} revisions")
+            [
+                request(
+                    builder.revision(
+                        p.text,
+                        current[i],
+                        round_principles[i],
+                        critiques[i].text if critiques[i] else None,
+                    ),
+                    sl.max_revision_tokens,
+                    p.id,
+                    round_index,
+                    "revision",
+                )
+                for i, p in enumerate(prompts)
+            ],
+            prefix=builder.prefix,
+            desc=f"round {round_index + 1} revisions",
+            states=[c.extra.get("state") if c else None for c in critiques],
+        )
         for i, record in enumerate(records):
             empty = not revisions[i].text
             if not empty:
                 current[i] = revisions[i].text
-            record["revisions"].append({
-                "round": round_index + 1,
-                "principle_id": round_principles[i].id,
-                "critique": critiques[i].text if critiques[i] else None,
-                "critique_tokens": critiques[i].num_tokens if critiques[i] else 0,
-                "revision": current[i],  # an empty revision keeps the previous answer
-                "revision_tokens": revisions[i].num_tokens,
-                "empty_revision": empty,
-            })
+            record["revisions"].append(
+                {
+                    "round": round_index + 1,
+                    "principle_id": round_principles[i].id,
+                    "critique": critiques[i].text if critiques[i] else None,
+                    "critique_tokens": critiques[i].num_tokens if critiques[i] else 0,
+                    "revision": current[i],  # an empty revision keeps the previous answer
+                    "revision_tokens": revisions[i].num_tokens,
+                    "empty_revision": empty,
+                }
+            )
     return records
 
 
-def helpful_samples(engine: GenerationEngine, prompts: list[Prompt], builder: SLPrompts, sl: DictConfig,
-                    seed: int) -> list[dict]:
+def helpful_samples(
+    engine: GenerationEngine, prompts: list[Prompt], builder: SLPrompts, sl: DictConfig, seed: int
+) -> list[dict]:
     """`sl.samples_per_helpful` answers per helpfulness prompt (paper: 2, section 3.1)."""
     n = int(sl.samples_per_helpful)
-    requests = [Request(builder.initial(p.text), max_new_tokens=int(sl.max_answer_tokens),
-                        temperature=float(sl.temperature), top_p=float(sl.top_p), stop=builder.stops,
-                        seed=request_seed(seed, p.id, "helpful", k)) for p in prompts for k in range(n)]
+    requests = [
+        Request(
+            builder.initial(p.text),
+            max_new_tokens=int(sl.max_answer_tokens),
+            temperature=float(sl.temperature),
+            top_p=float(sl.top_p),
+            stop=builder.stops,
+            seed=request_seed(seed, p.id, "helpful", k),
+        )
+        for p in prompts
+        for k in range(n)
+    ]
     outputs = engine.generate(requests, desc="helpful samples")
-    return [{"id": p.id, "prompt": p.text, "category": p.category, "split": p.split,
-             "samples": [outputs[i * n + k].text for k in range(n)],
-             "sample_tokens": [outputs[i * n + k].num_tokens for k in range(n)]}
-            for i, p in enumerate(prompts)]
+    return [
+        {
+            "id": p.id,
+            "prompt": p.text,
+            "category": p.category,
+            "split": p.split,
+            "samples": [outputs[i * n + k].text for k in range(n)],
+            "sample_tokens": [outputs[i * n + k].num_tokens for k in range(n)],
+        }
+        for i, p in enumerate(prompts)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,14 +196,26 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
     principles = constitution.principles(sl.get("principle_ids"), sl.get("num_principles"))
     train = prompt_set.split("train")
     engine = build_engine(cfg.generation, cfg.model, cfg.paths.cache_dir)
-    builder = SLPrompts(constitution, engine_tokenizer(engine, cfg), cfg.model.prompt_format,
-                        critique=bool(sl.critique), num_fewshot=sl.get("num_fewshot"))
+    builder = SLPrompts(
+        constitution,
+        engine_tokenizer(engine, cfg),
+        cfg.model.prompt_format,
+        critique=bool(sl.critique),
+        num_fewshot=sl.get("num_fewshot"),
+    )
     red, skipped_red = _fits_context(train.red_team, builder, cfg)
     helpful, skipped_helpful = _fits_context(train.helpful, builder, cfg)
     chunk = int(sl.chunk_size)
-    red_parts, helpful_parts = PartWriter(work_dir / "parts_red_team"), PartWriter(work_dir / "parts_helpful")
-    chunks = [("red_team", i) for i in range(0, len(red), chunk)] + [("helpful", i) for i in range(0, len(helpful), chunk)]
-    resumed = sum((red_parts if kind == "red_team" else helpful_parts).done(i // chunk) for kind, i in chunks)
+    red_parts, helpful_parts = (
+        PartWriter(work_dir / "parts_red_team"),
+        PartWriter(work_dir / "parts_helpful"),
+    )
+    chunks = [("red_team", i) for i in range(0, len(red), chunk)] + [
+        ("helpful", i) for i in range(0, len(helpful), chunk)
+    ]
+    resumed = sum(
+        (red_parts if kind == "red_team" else helpful_parts).done(i // chunk) for kind, i in chunks
+    )
     if resumed:
         log.info("Resuming generate_sl: %d of %d chunks already finished.", resumed, len(chunks))
     for kind, start in tqdm(chunks, desc="generate_sl chunks", unit="chunk"):
@@ -138,9 +223,13 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
         if parts.done(start // chunk):
             continue
         if kind == "red_team":
-            records = critique_revision_chain(engine, red[start:start + chunk], builder, principles, sl, int(cfg.seed))
+            records = critique_revision_chain(
+                engine, red[start : start + chunk], builder, principles, sl, int(cfg.seed)
+            )
         else:
-            records = helpful_samples(engine, helpful[start:start + chunk], builder, sl, int(cfg.seed))
+            records = helpful_samples(
+                engine, helpful[start : start + chunk], builder, sl, int(cfg.seed)
+            )
         parts.write(start // chunk, records)
     red_records, helpful_records = red_parts.read_all(), helpful_parts.read_all()
     write_jsonl_atomic(work_dir / "red_team.jsonl", red_records)
@@ -172,17 +261,32 @@ def engine_tokenizer(engine: GenerationEngine, cfg: DictConfig):
     return tokenizer
 
 
-def _fits_context(prompts: list[Prompt], builder: SLPrompts, cfg: DictConfig) -> tuple[list[Prompt], int]:
+def _fits_context(
+    prompts: list[Prompt], builder: SLPrompts, cfg: DictConfig
+) -> tuple[list[Prompt], int]:
     """Keep prompts whose longest request (few-shot prefix, conversation, critique, revision
     request and the token budget) fits the model's context; count the rest."""
     sl, tokenizer = cfg.sl, builder.tokenizer
     prefix_tokens = len(tokenizer(builder.prefix).input_ids) if builder.prefix else 0
     longest_principle = 96  # tokens reserved for a principle's requests
-    budget = int(sl.max_answer_tokens) + int(sl.max_critique_tokens) + int(sl.max_revision_tokens) + longest_principle
-    keep = [p for p in prompts if prefix_tokens + len(tokenizer(p.text).input_ids) + budget <= int(cfg.model.max_context)]
+    budget = (
+        int(sl.max_answer_tokens)
+        + int(sl.max_critique_tokens)
+        + int(sl.max_revision_tokens)
+        + longest_principle
+    )
+    keep = [
+        p
+        for p in prompts
+        if prefix_tokens + len(tokenizer(p.text).input_ids) + budget <= int(cfg.model.max_context)
+    ]
     skipped = len(prompts) - len(keep)
     if skipped:
-        log.warning("Skipped %d prompts longer than the model's context (%d tokens).", skipped, cfg.model.max_context)
+        log.warning(
+            "Skipped %d prompts longer than the model's context (%d tokens).",
+            skipped,
+            cfg.model.max_context,
+        )
     return keep, skipped
 
 
@@ -201,4 +305,6 @@ def load_sl_dataset(artifact: Artifact, kind: str = "red_team"):
     """The SL data as a `datasets.Dataset` (kind: red_team or helpful)."""
     import datasets
 
-    return datasets.load_dataset("json", data_files=str(artifact.file(f"{kind}.jsonl")), split="train")
+    return datasets.load_dataset(
+        "json", data_files=str(artifact.file(f"{kind}.jsonl")), split="train"
+    )

@@ -50,11 +50,16 @@ class PromptSet:
     counts: dict = field(default_factory=dict)  # read, duplicates, limited, per split
 
     def split(self, name: str) -> PromptSet:
-        return PromptSet([p for p in self.red_team if p.split == name],
-                         [p for p in self.helpful if p.split == name], self.counts)
+        return PromptSet(
+            [p for p in self.red_team if p.split == name],
+            [p for p in self.helpful if p.split == name],
+            self.counts,
+        )
 
     def fingerprint(self) -> str:
-        text = "\n".join(f"{p.kind}|{p.split}|{p.category}|{p.text}" for p in self.red_team + self.helpful)
+        text = "\n".join(
+            f"{p.kind}|{p.split}|{p.category}|{p.text}" for p in self.red_team + self.helpful
+        )
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -72,27 +77,41 @@ def load_prompts(cfg: DictConfig, data_dir: str | None = None) -> PromptSet:
         if helpful is None:
             if not cfg.get("helpful_fallback_builtin", True):
                 raise ConfigError(_hh_missing("helpful-base", data_dir))
-            log.warning("hh-rlhf helpful-base not found locally and the hub is unreachable: using the "
-                        "builtin helpfulness prompts (recorded in the manifest).")
+            log.warning(
+                "hh-rlhf helpful-base not found locally and the hub is unreachable: using the "
+                "builtin helpfulness prompts (recorded in the manifest)."
+            )
             helpful = _from_yaml(RESOURCES / "helpful.yaml")
         if red is None:
             raise ConfigError(_hh_missing("harmless-base", data_dir))
     else:
         raise ConfigError(f"data.source={cfg.source!r}: use builtin, hh_rlhf or files.")
     counts: dict = {}
-    red_prompts = _finish(red, "red_team", cfg, counts, cfg.get("max_red_team"), cfg.get("max_eval"))
-    helpful_prompts = _finish(helpful, "helpful", cfg, counts, cfg.get("max_helpful"), cfg.get("max_eval"))
+    red_prompts = _finish(
+        red, "red_team", cfg, counts, cfg.get("max_red_team"), cfg.get("max_eval")
+    )
+    helpful_prompts = _finish(
+        helpful, "helpful", cfg, counts, cfg.get("max_helpful"), cfg.get("max_eval")
+    )
     return PromptSet(red_prompts, helpful_prompts, counts)
 
 
 # ---------------------------------------------------------------------------------------------
 
 
-def _finish(items: list[tuple[str, str]], kind: str, cfg: DictConfig, counts: dict,
-            limit: int | None, eval_limit: int | None) -> list[Prompt]:
+def _finish(
+    items: list[tuple[str, str]],
+    kind: str,
+    cfg: DictConfig,
+    counts: dict,
+    limit: int | None,
+    eval_limit: int | None,
+) -> list[Prompt]:
     """Deduplicate, split (fixed: by a hash of the text), shuffle (seeded) and limit."""
     if not items:
-        raise ConfigError(f"No {kind} prompts were read for data.source={cfg.source}: the file is empty.")
+        raise ConfigError(
+            f"No {kind} prompts were read for data.source={cfg.source}: the file is empty."
+        )
     seen, prompts, duplicates = set(), [], 0
     for category, text in items:
         text = text.strip()
@@ -109,8 +128,13 @@ def _finish(items: list[tuple[str, str]], kind: str, cfg: DictConfig, counts: di
     evals = [p for p in prompts if p.split == "eval"]
     train = train if limit is None else train[: int(limit)]
     evals = evals if eval_limit is None else evals[: int(eval_limit)]
-    counts[kind] = {"read": len(items), "duplicates": duplicates, "train": len(train), "eval": len(evals),
-                    "limited_away": len(prompts) - len(train) - len(evals)}
+    counts[kind] = {
+        "read": len(items),
+        "duplicates": duplicates,
+        "train": len(train),
+        "eval": len(evals),
+        "limited_away": len(prompts) - len(train) - len(evals),
+    }
     return train + evals
 
 
@@ -142,8 +166,10 @@ def _from_file(path: str | None, key: str) -> list[tuple[str, str]]:
                     row = json.loads(line)
                     items.append((str(row.get("category", "none")), str(row["prompt"])))
                 except (ValueError, KeyError, AttributeError) as error:
-                    raise ConfigError(f"{path}, line {number}: expected a JSON object with a "
-                                      f"'prompt' field ({error}).") from error
+                    raise ConfigError(
+                        f"{path}, line {number}: expected a JSON object with a "
+                        f"'prompt' field ({error})."
+                    ) from error
         return items
     return [("none", line) for line in raw.splitlines() if line.strip()]
 
@@ -154,11 +180,15 @@ def _read_text(path: Path) -> str:
     except FileNotFoundError as error:
         raise ConfigError(f"Prompt file {path} does not exist.") from error
     except UnicodeDecodeError as error:
-        raise ConfigError(f"Prompt file {path} is not UTF-8 text ({error}); convert it, e.g. "
-                          f"`iconv -f latin1 -t utf-8`.") from error
+        raise ConfigError(
+            f"Prompt file {path} is not UTF-8 text ({error}); convert it, e.g. "
+            f"`iconv -f latin1 -t utf-8`."
+        ) from error
 
 
-def _from_hh_rlhf(cfg: DictConfig, data_dir: str | None, subset: str) -> list[tuple[str, str]] | None:
+def _from_hh_rlhf(
+    cfg: DictConfig, data_dir: str | None, subset: str
+) -> list[tuple[str, str]] | None:
     """First human turn of each hh-rlhf dialogue in `subset`, or None when unavailable."""
     import datasets
 
@@ -166,7 +196,9 @@ def _from_hh_rlhf(cfg: DictConfig, data_dir: str | None, subset: str) -> list[tu
     files = sorted(folder.glob("*.jsonl.gz")) if folder and folder.is_dir() else []
     try:
         if files:
-            dataset = datasets.load_dataset("json", data_files=[str(f) for f in files], split="train")
+            dataset = datasets.load_dataset(
+                "json", data_files=[str(f) for f in files], split="train"
+            )
         elif cfg.get("allow_download", True):
             dataset = datasets.load_dataset(cfg.hub_id, data_dir=subset, split="train")
         else:
@@ -183,6 +215,8 @@ def _from_hh_rlhf(cfg: DictConfig, data_dir: str | None, subset: str) -> list[tu
 
 
 def _hh_missing(subset: str, data_dir: str | None) -> str:
-    return (f"hh-rlhf {subset} was not found under paths.data_dir={data_dir} (expected "
-            f"hh-rlhf/{subset}/*.jsonl.gz) and could not be downloaded. Set paths.data_dir or "
-            f"CAI_DATA_DIR, or use data=builtin.")
+    return (
+        f"hh-rlhf {subset} was not found under paths.data_dir={data_dir} (expected "
+        f"hh-rlhf/{subset}/*.jsonl.gz) and could not be downloaded. Set paths.data_dir or "
+        f"CAI_DATA_DIR, or use data=builtin."
+    )

@@ -202,14 +202,17 @@ def _register_stages() -> None:
     """The pipeline's stages, in order. Each later stage adds its line here."""
     from cai import critique
 
-    STAGES.update({
-        "generate_sl": Stage(
-            "generate_sl", critique.run_stage,
-            config_keys=("model", "constitution", "data", "sl", "generation"),
-            ignore=("sl.num_revisions", "generation.batch_size", "generation.progress"),
-            content=critique.stage_inputs,
-        ),
-    })
+    STAGES.update(
+        {
+            "generate_sl": Stage(
+                "generate_sl",
+                critique.run_stage,
+                config_keys=("model", "constitution", "data", "sl", "generation"),
+                ignore=("sl.num_revisions", "generation.batch_size", "generation.progress"),
+                content=critique.stage_inputs,
+            ),
+        }
+    )
 
 
 def run_from_config(cfg: DictConfig) -> dict[str, Artifact]:

@@ -17,9 +17,22 @@ from collections.abc import Sequence
 from cai.constitution import Constitution, CritiqueExample, Principle, Turn
 
 # Generation ends at any of these: a sample never runs into a new turn or section.
-RAW_STOPS = ("\n\nHuman:", "\n\nAssistant:", "\n\nCritiqueRequest:", "\n\nCritique:",
-             "\n\nRevisionRequest:", "\n\nRevision:", "\n\n---")
-CHAT_STOPS = ("<|im_end|>", "<|endoftext|>", "\n\nHuman:", "\n\nCritiqueRequest:", "\n\nRevisionRequest:")
+RAW_STOPS = (
+    "\n\nHuman:",
+    "\n\nAssistant:",
+    "\n\nCritiqueRequest:",
+    "\n\nCritique:",
+    "\n\nRevisionRequest:",
+    "\n\nRevision:",
+    "\n\n---",
+)
+CHAT_STOPS = (
+    "<|im_end|>",
+    "<|endoftext|>",
+    "\n\nHuman:",
+    "\n\nCritiqueRequest:",
+    "\n\nRevisionRequest:",
+)
 
 
 def raw_conversation(turns: Sequence[Turn]) -> str:
@@ -30,8 +43,14 @@ def raw_conversation(turns: Sequence[Turn]) -> str:
 class SLPrompts:
     """Builds initial-answer, critique and revision prompts for one constitution and format."""
 
-    def __init__(self, constitution: Constitution, tokenizer, prompt_format: str, critique: bool = True,
-                 num_fewshot: int | None = None):
+    def __init__(
+        self,
+        constitution: Constitution,
+        tokenizer,
+        prompt_format: str,
+        critique: bool = True,
+        num_fewshot: int | None = None,
+    ):
         if prompt_format not in ("raw", "chat"):
             raise ValueError(f"prompt_format must be raw or chat, not {prompt_format!r}")
         self.format = prompt_format
@@ -52,11 +71,21 @@ class SLPrompts:
     def critique(self, request: str, answer: str, principle: Principle) -> str:
         conversation = (Turn("user", request), Turn("assistant", answer))
         if self.format == "raw":
-            return raw_conversation(conversation) + f"\n\nCritiqueRequest: {principle.critique}\n\nCritique:"
-        messages = [{"role": "user", "content": self._task(conversation, "CritiqueRequest", principle.critique)}]
+            return (
+                raw_conversation(conversation)
+                + f"\n\nCritiqueRequest: {principle.critique}\n\nCritique:"
+            )
+        messages = [
+            {
+                "role": "user",
+                "content": self._task(conversation, "CritiqueRequest", principle.critique),
+            }
+        ]
         return self._suffix(messages)
 
-    def revision(self, request: str, answer: str, principle: Principle, critique_text: str | None) -> str:
+    def revision(
+        self, request: str, answer: str, principle: Principle, critique_text: str | None
+    ) -> str:
         conversation = (Turn("user", request), Turn("assistant", answer))
         if self.format == "raw":
             text = raw_conversation(conversation)
@@ -64,10 +93,18 @@ class SLPrompts:
                 text += f"\n\nCritiqueRequest: {principle.critique}\n\nCritique: {critique_text}"
             return text + f"\n\nRevisionRequest: {principle.revision}\n\nRevision:"
         if critique_text is None:
-            messages = [{"role": "user", "content": self._task(conversation, "RevisionRequest", principle.revision)}]
+            messages = [
+                {
+                    "role": "user",
+                    "content": self._task(conversation, "RevisionRequest", principle.revision),
+                }
+            ]
         else:
             messages = [
-                {"role": "user", "content": self._task(conversation, "CritiqueRequest", principle.critique)},
+                {
+                    "role": "user",
+                    "content": self._task(conversation, "CritiqueRequest", principle.critique),
+                },
                 {"role": "assistant", "content": critique_text},
                 {"role": "user", "content": f"RevisionRequest: {principle.revision}"},
             ]
@@ -83,15 +120,32 @@ class SLPrompts:
     def _raw_example(self, example: CritiqueExample) -> str:
         text = raw_conversation(example.conversation)
         if self.critique_enabled:
-            text += f"\n\nCritiqueRequest: {example.critique_request}\n\nCritique: {example.critique}"
-        return text + f"\n\nRevisionRequest: {example.revision_request}\n\nRevision: {example.revision}\n\n---"
+            text += (
+                f"\n\nCritiqueRequest: {example.critique_request}\n\nCritique: {example.critique}"
+            )
+        return (
+            text
+            + f"\n\nRevisionRequest: {example.revision_request}\n\nRevision: {example.revision}\n\n---"
+        )
 
     def _chat_example(self, example: CritiqueExample) -> list[dict]:
         if not self.critique_enabled:
-            return [{"role": "user", "content": self._task(example.conversation, "RevisionRequest", example.revision_request)},
-                    {"role": "assistant", "content": example.revision}]
+            return [
+                {
+                    "role": "user",
+                    "content": self._task(
+                        example.conversation, "RevisionRequest", example.revision_request
+                    ),
+                },
+                {"role": "assistant", "content": example.revision},
+            ]
         return [
-            {"role": "user", "content": self._task(example.conversation, "CritiqueRequest", example.critique_request)},
+            {
+                "role": "user",
+                "content": self._task(
+                    example.conversation, "CritiqueRequest", example.critique_request
+                ),
+            },
             {"role": "assistant", "content": example.critique},
             {"role": "user", "content": f"RevisionRequest: {example.revision_request}"},
             {"role": "assistant", "content": example.revision},
@@ -106,13 +160,17 @@ class SLPrompts:
         return [{"role": t.role, "content": t.content} for t in turns]
 
     def _chat(self, messages: list[dict], generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
 
     def _suffix(self, messages: list[dict]) -> str:
         """Chat text of few-shot turns + `messages`, minus the shared prefix."""
         fewshot = [m for e in self.examples for m in self._chat_example(e)]
         full = self._chat(fewshot + messages, generation_prompt=True)
         if not full.startswith(self.prefix):
-            raise ValueError("This chat template does not extend a conversation by appending text; "
-                             "use model.prompt_format=raw for this model.")
-        return full[len(self.prefix):]
+            raise ValueError(
+                "This chat template does not extend a conversation by appending text; "
+                "use model.prompt_format=raw for this model."
+            )
+        return full[len(self.prefix) :]

@@ -16,13 +16,22 @@ def build_engine(gen_cfg: DictConfig, model_cfg: DictConfig, cache_dir: str) -> 
         from cai.generation.hf import HFEngine
 
         model, tokenizer = load_model(model_cfg, cache_dir, dtype=gen_cfg.get("dtype"))
-        return HFEngine(model, tokenizer, batch_size=int(gen_cfg.batch_size),
-                        prefix_cache=bool(gen_cfg.prefix_cache), progress=bool(gen_cfg.progress))
+        return HFEngine(
+            model,
+            tokenizer,
+            batch_size=int(gen_cfg.batch_size),
+            prefix_cache=bool(gen_cfg.prefix_cache),
+            progress=bool(gen_cfg.progress),
+        )
     if gen_cfg.backend == "vllm":
         from cai.generation.vllm import VLLMEngine
 
-        return VLLMEngine(model_folder(model_cfg, cache_dir), gen_cfg, dtype=str(gen_cfg.get("dtype", "auto")),
-                          trust_remote_code=bool(model_cfg.get("trust_remote_code", False)))
+        return VLLMEngine(
+            model_folder(model_cfg, cache_dir),
+            gen_cfg,
+            dtype=str(gen_cfg.get("dtype", "auto")),
+            trust_remote_code=bool(model_cfg.get("trust_remote_code", False)),
+        )
     raise ConfigError(f"generation.backend={gen_cfg.backend!r}: use hf or vllm.")
 
 

@@ -27,5 +27,14 @@ class Generation:
 class GenerationEngine:
     """generate(requests, prefix) -> one Generation per request, in order."""
 
-    def generate(self, requests: list[Request], prefix: str = "", desc: str = "generate") -> list[Generation]:
+    def generate(
+        self,
+        requests: list[Request],
+        prefix: str = "",
+        desc: str = "generate",
+        keep_state: bool = False,
+        states: list | None = None,
+    ) -> list[Generation]:
+        """keep_state/states: an engine may reuse the work of an earlier request whose prompt and
+        output the new prompt repeats (engines without this ignore them)."""
         raise NotImplementedError

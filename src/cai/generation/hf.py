@@ -1,20 +1,26 @@
 """Batched generation with transformers models: the `hf` backend.
 
-What makes it fast on a CPU (benchmarks/bench_generation.py measures each against a naive
+What makes it fast on a CPU (benchmarks/bench_generation.py measures it against a naive
 per-prompt `model.generate` loop):
 1. a shared prefix (the few-shot block) is encoded once and read by every row of every batch
    through `shared_prefix_attention`, never copied per row at decode time;
-2. requests are sorted by length and batched, rows that finished are dropped from the batch;
-3. bf16 weights where the CPU (AVX-512 BF16 / AMX) or GPU supports it.
+2. a request can continue from an earlier generation's key/value state (`keep_state=True`,
+   then `states=`): a revision request, which repeats the critique request's conversation and
+   critique, only encodes its new tokens;
+3. requests are sorted by length and batched; finished rows leave the batch; the suffix cache
+   is preallocated, so a decode step writes one column instead of copying the cache;
+4. bf16 weights where the CPU (AVX-512 BF16 / AMX) or GPU supports it.
 
-Sampling is seeded per request (`Request.seed`), so a request's output does not depend on
-which batch it lands in, and a resumed run reproduces an uninterrupted one.
+Sampling is seeded per request (`Request.seed`), so in fp32 a request's output does not depend
+on which batch it lands in (in bf16, rounding differs slightly between batch shapes), and a
+resumed run reproduces an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -25,11 +31,32 @@ from cai.generation.shared_prefix import ATTENTION_NAME, PrefixCache, SuffixCach
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class RowState:
+    """Keys/values of one finished request after the shared prefix: [layers] x [Hkv, length, d].
+    `text` is the text they encode (prompt + the kept part of the generation)."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    text: str
+    fed_generated: int = 0  # generated tokens that are in keys/values
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[1]
+
+
 class HFEngine(GenerationEngine):
     """Generate with a transformers causal LM, in batches, with a cached shared prefix."""
 
-    def __init__(self, model, tokenizer, batch_size: int = 32, prefix_cache: bool = True,
-                 progress: bool = True):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        batch_size: int = 32,
+        prefix_cache: bool = True,
+        progress: bool = True,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -37,31 +64,62 @@ class HFEngine(GenerationEngine):
         self.progress = progress
         self.device = next(model.parameters()).device
         self._prefixes: dict[str, PrefixCache] = {}
-        self.stats = {"prefill_tokens": 0, "generated_tokens": 0, "wall_s": 0.0}
+        self.stats = {"prefill_tokens": 0, "generated_tokens": 0, "reused_tokens": 0, "wall_s": 0.0}
         stop_ids = {tokenizer.eos_token_id}
         for token in ("<|im_end|>", "<|endoftext|>"):
             token_id = tokenizer.convert_tokens_to_ids(token)
             if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
                 stop_ids.add(token_id)
-        self.stop_token_ids = torch.tensor(sorted(i for i in stop_ids if i is not None))
+        self.stop_token_ids = {i for i in stop_ids if i is not None}
 
     # -----------------------------------------------------------------------------------------
-    def generate(self, requests: list[Request], prefix: str = "", desc: str = "generate") -> list[Generation]:
-        """Complete `prefix + request.prompt` for every request; outputs in request order."""
+    def generate(
+        self,
+        requests: list[Request],
+        prefix: str = "",
+        desc: str = "generate",
+        keep_state: bool = False,
+        states: list | None = None,
+    ) -> list[Generation]:
+        """Complete `prefix + request.prompt` for every request; outputs in request order.
+
+        keep_state: attach each request's key/value state to `Generation.extra["state"]`.
+        states: one earlier state (or None) per request; where `request.prompt` starts with the
+            state's text, only the rest of the prompt is encoded (same text, less work).
+        """
         if not requests:
             return []
         start = time.perf_counter()
         prefix_cache, prefix_ids = self._prefix(prefix)
-        encoded = [self._encode(r.prompt, with_special=not prefix) for r in requests]
-        if not self.use_prefix_cache and prefix:
-            encoded = [prefix_ids + ids for ids in encoded]
-        order = sorted(range(len(requests)), key=lambda i: len(encoded[i]))
+        pasts: list[RowState | None] = []
+        encoded = []
+        for i, request in enumerate(requests):
+            state = states[i] if states and self.use_prefix_cache else None
+            if state is not None and request.prompt.startswith(state.text):
+                encoded.append(self._encode(request.prompt[len(state.text) :], with_special=False))
+                pasts.append(state)
+                self.stats["reused_tokens"] += state.length
+            else:
+                ids = self._encode(request.prompt, with_special=not prefix)
+                encoded.append(ids if self.use_prefix_cache or not prefix else prefix_ids + ids)
+                pasts.append(None)
+        order = sorted(
+            range(len(requests)),
+            key=lambda i: len(encoded[i]) + (pasts[i].length if pasts[i] else 0),
+        )
         results: list[Generation | None] = [None] * len(requests)
-        bar = tqdm(total=len(requests), desc=desc, disable=not self.progress, unit="req", leave=False)
+        bar = tqdm(
+            total=len(requests), desc=desc, disable=not self.progress, unit="req", leave=False
+        )
         for first in range(0, len(order), self.batch_size):
-            batch = order[first:first + self.batch_size]
-            outputs = self._generate_batch([encoded[i] for i in batch], [requests[i] for i in batch],
-                                           prefix_cache)
+            batch = order[first : first + self.batch_size]
+            outputs = self._generate_batch(
+                [encoded[i] for i in batch],
+                [requests[i] for i in batch],
+                prefix_cache,
+                [pasts[i] for i in batch],
+                keep_state,
+            )
             for index, output in zip(batch, outputs, strict=True):
                 results[index] = output
             bar.update(len(batch))
@@ -87,52 +145,89 @@ class HFEngine(GenerationEngine):
         return self._prefixes[prefix], ids
 
     @torch.no_grad()
-    def _generate_batch(self, encoded: list[list[int]], requests: list[Request],
-                        prefix: PrefixCache | None) -> list[Generation]:
+    def _generate_batch(
+        self,
+        encoded: list[list[int]],
+        requests: list[Request],
+        prefix: PrefixCache | None,
+        pasts: list[RowState | None],
+        keep_state: bool,
+    ) -> list[Generation]:
         model, device = self.model, self.device
         batch = len(encoded)
         max_new = max(r.max_new_tokens for r in requests)
+        past_width = max((p.length for p in pasts if p is not None), default=0)
         width = max(len(ids) for ids in encoded)
+        # Layout of row r: [pad | its past state] (past_width columns, in the cache) then
+        # [pad | its new prompt tokens] (width columns, fed now). Pads are masked out.
+        cache = SuffixCache(model.config, capacity=past_width + width + max_new)
+        key_mask = torch.zeros((batch, past_width + width), dtype=torch.bool)
+        past_len = torch.zeros(batch, dtype=torch.long)
+        if past_width:
+            cache.fill_past(
+                [(p.keys, p.values) if p is not None else None for p in pasts], past_width
+            )
+            for row, past in enumerate(pasts):
+                if past is not None:
+                    key_mask[row, past_width - past.length : past_width] = True
+                    past_len[row] = past.length
         pad = self.tokenizer.pad_token_id
         input_ids = torch.full((batch, width), pad, dtype=torch.long)
-        key_mask = torch.zeros((batch, width), dtype=torch.bool)
         for row, ids in enumerate(encoded):  # left padding
-            input_ids[row, width - len(ids):] = torch.tensor(ids)
-            key_mask[row, width - len(ids):] = True
+            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            key_mask[row, past_width + width - len(ids) :] = True
         input_ids, key_mask = input_ids.to(device), key_mask.to(device)
         prefix_len = prefix.length if prefix is not None else 0
-        positions = (prefix_len + key_mask.long().cumsum(1) - 1).clamp(min=0)
+        new_mask = key_mask[:, past_width:]
+        positions = (
+            prefix_len + past_len[:, None].to(device) + new_mask.long().cumsum(1) - 1
+        ).clamp(min=0)
         generators = [torch.Generator(device="cpu").manual_seed(r.seed) for r in requests]
-        stop_ids_set = set(self.stop_token_ids.tolist())
+        states: list[RowState | None] = [None] * batch
 
         previous_attention = model.config._attn_implementation
         model.set_attn_implementation(ATTENTION_NAME)
         try:
-            cache = SuffixCache(model.config, capacity=width + max_new)
             live = list(range(batch))  # rows still generating, in cache order
             tokens: list[list[int]] = [[] for _ in range(batch)]
             finish = ["length"] * batch
-            logits = model(input_ids=input_ids, position_ids=positions, cache=cache, use_cache=True,
-                           logits_to_keep=1, cai_prefix=prefix, cai_key_mask=key_mask).logits[:, -1]
+            logits = model(
+                input_ids=input_ids,
+                position_ids=positions,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+                cai_prefix=prefix,
+                cai_key_mask=key_mask,
+            ).logits[:, -1]
             cache.advance(width)
-            self.stats["prefill_tokens"] += int(key_mask.sum())
-            for step in range(max_new):
-                next_ids = self._sample(logits, [requests[i] for i in live], [generators[i] for i in live])
+            self.stats["prefill_tokens"] += int(new_mask.sum())
+            for _step in range(max_new):
+                next_ids = self._sample(
+                    logits, [requests[i] for i in live], [generators[i] for i in live]
+                )
                 keep = []
                 for slot, row in enumerate(live):
                     token = int(next_ids[slot])
-                    if token in stop_ids_set:
+                    fed = True  # whether this row's generated tokens are all in the cache
+                    if token in self.stop_token_ids:
                         finish[row] = "stop"
-                        continue
-                    tokens[row].append(token)
-                    if self._hit_stop_string(tokens[row], requests[row].stop):
-                        finish[row] = "stop"
-                    elif len(tokens[row]) >= requests[row].max_new_tokens:
-                        finish[row] = "length"
                     else:
-                        keep.append(slot)
+                        tokens[row].append(token)
+                        fed = False
+                        if self._hit_stop_string(tokens[row], requests[row].stop):
+                            finish[row] = "stop"
+                        elif len(tokens[row]) >= requests[row].max_new_tokens:
+                            finish[row] = "length"
+                        else:
+                            keep.append(slot)
+                            continue
+                    if keep_state:
+                        states[row] = self._row_state(
+                            cache, key_mask, slot, tokens[row], fed, requests[row]
+                        )
                 self.stats["generated_tokens"] += len(live)
-                if not keep or step == max_new - 1:
+                if not keep:
                     break
                 if len(keep) < len(live):  # drop finished rows from the batch
                     index = torch.tensor(keep, device=device)
@@ -141,27 +236,50 @@ class HFEngine(GenerationEngine):
                     live = [live[slot] for slot in keep]
                 step_positions = (prefix_len + key_mask.sum(1, keepdim=True)).long()
                 key_mask = torch.cat([key_mask, key_mask.new_ones(len(live), 1)], dim=1)
-                logits = model(input_ids=next_ids[:, None], position_ids=step_positions, cache=cache,
-                               use_cache=True, cai_prefix=prefix, cai_key_mask=key_mask).logits[:, -1]
+                logits = model(
+                    input_ids=next_ids[:, None],
+                    position_ids=step_positions,
+                    cache=cache,
+                    use_cache=True,
+                    cai_prefix=prefix,
+                    cai_key_mask=key_mask,
+                ).logits[:, -1]
                 cache.advance(1)
         finally:
             model.set_attn_implementation(previous_attention)
-        return [self._finish(tokens[row], requests[row], finish[row], len(encoded[row]))
-                for row in range(batch)]
+        outputs = []
+        for row in range(batch):
+            text, finish_reason = self._cut(tokens[row], requests[row], finish[row])
+            extra = (
+                {"state": self._crop_state(states[row], tokens[row], requests[row].prompt, text)}
+                if keep_state
+                else {}
+            )
+            outputs.append(
+                Generation(
+                    text=text,
+                    num_tokens=len(tokens[row]),
+                    finish_reason=finish_reason,
+                    prompt_tokens=len(encoded[row]),
+                    extra=extra,
+                )
+            )
+        return outputs
 
     @staticmethod
     def _sample(logits: torch.Tensor, requests: list[Request], generators) -> torch.Tensor:
         """One token per row: greedy at temperature 0, else top-p sampling by an exponential race
         (argmax of p / E, E ~ Exp(1), equivalent to drawing from p) with noise from the row's own
-        generator: a row's sample does not depend on its batch-mates, and the small numeric
-        differences bf16 shows between batch shapes rarely change it."""
+        generator: a row's sample does not depend on its batch-mates."""
         logits = logits.float().cpu()
         temperature = torch.tensor([max(r.temperature, 1e-6) for r in requests])[:, None]
         probs = torch.softmax(logits / temperature, dim=-1)
         if any(r.top_p < 1.0 for r in requests):  # nucleus: keep the smallest set with mass top_p
             sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
             top_p = torch.tensor([r.top_p for r in requests])[:, None]
-            sorted_probs = sorted_probs.masked_fill(sorted_probs.cumsum(-1) - sorted_probs > top_p, 0.0)
+            sorted_probs = sorted_probs.masked_fill(
+                sorted_probs.cumsum(-1) - sorted_probs > top_p, 0.0
+            )
             probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
         uniform = torch.stack([torch.rand(probs.shape[-1], generator=g) for g in generators])
         sampled = (probs / uniform.log_().neg_()).argmax(-1)  # -log(U) ~ Exp(1)
@@ -174,12 +292,50 @@ class HFEngine(GenerationEngine):
         tail = self.tokenizer.decode(tokens[-12:], skip_special_tokens=False)
         return any(stop in tail for stop in stops)
 
-    def _finish(self, tokens: list[int], request: Request, finish: str, prompt_tokens: int) -> Generation:
+    def _cut(self, tokens: list[int], request: Request, finish: str) -> tuple[str, str]:
+        """The generated text, cut at the first stop string (nothing past it is kept), stripped."""
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        for stop in request.stop:  # cut at the first stop string: nothing past it is kept
+        for stop in request.stop:
             cut = text.find(stop)
             if cut >= 0:
-                text = text[:cut]
-                finish = "stop"
-        return Generation(text=text.strip(), num_tokens=len(tokens), finish_reason=finish,
-                          prompt_tokens=prompt_tokens)
+                text, finish = text[:cut], "stop"
+        return text.strip(), finish
+
+    @staticmethod
+    def _row_state(
+        cache: SuffixCache,
+        key_mask: torch.Tensor,
+        slot: int,
+        tokens: list[int],
+        fed: bool,
+        request: Request,
+    ) -> RowState:
+        """Copy one row's real (unpadded) keys/values out of the batch cache."""
+        real = key_mask[slot]
+        buffers = cache.layer_buffers()
+        return RowState(
+            keys=[k[slot][:, real].clone() for k, _ in buffers],
+            values=[v[slot][:, real].clone() for _, v in buffers],
+            text="",
+            fed_generated=len(tokens) if fed else len(tokens) - 1,
+        )
+
+    def _crop_state(
+        self, state: RowState | None, tokens: list[int], prompt: str, text: str
+    ) -> RowState | None:
+        """Keep the prompt and the longest run of generated tokens whose decoded text is a prefix
+        of the returned `text`, so a follow-up prompt that repeats `prompt + text` can reuse it."""
+        if state is None:
+            return None
+        prompt_len = state.length - state.fed_generated
+        keep = 0
+        for k in range(state.fed_generated, max(-1, state.fed_generated - 10), -1):
+            if text.startswith(self.tokenizer.decode(tokens[:k], skip_special_tokens=True)):
+                keep = k
+                break
+        length = prompt_len + keep
+        return RowState(
+            [k[:, :length] for k in state.keys],
+            [v[:, :length] for v in state.values],
+            text=prompt + self.tokenizer.decode(tokens[:keep], skip_special_tokens=True),
+        )

@@ -47,9 +47,18 @@ class PrefixCache:
         return cls(keys, values, prefix_ids.shape[1])
 
 
-def shared_prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                            cai_prefix: PrefixCache | None = None,
-                            cai_key_mask: torch.Tensor | None = None, **kwargs):
+def shared_prefix_attention(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    scaling=None,
+    dropout=0.0,
+    cai_prefix: PrefixCache | None = None,
+    cai_key_mask: torch.Tensor | None = None,
+    **kwargs,
+):
     """Causal attention over [shared prefix ; this row's suffix cache].
 
     query: [B, Hq, q, d]; key, value: [B, Hkv, S, d] (the suffix cache, new tokens last);
@@ -59,13 +68,18 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
     kv_heads, suffix_len = key.shape[1], key.shape[2]
     groups = q_heads // kv_heads
     scaling = scaling if scaling is not None else dim**-0.5
-    key_mask = cai_key_mask if cai_key_mask is not None else torch.ones(
-        batch, suffix_len, dtype=torch.bool, device=key.device)
+    key_mask = (
+        cai_key_mask
+        if cai_key_mask is not None
+        else torch.ones(batch, suffix_len, dtype=torch.bool, device=key.device)
+    )
     # Suffix visibility [B, q, S]: causal, no padding; a query always sees itself (no empty rows).
     query_pos = torch.arange(suffix_len - q_len, suffix_len, device=key.device)
     key_pos = torch.arange(suffix_len, device=key.device)
     causal = key_pos[None, :] <= query_pos[:, None]
-    visible = (causal[None] & key_mask[:, None, :]) | (key_pos[None, None, :] == query_pos[None, :, None])
+    visible = (causal[None] & key_mask[:, None, :]) | (
+        key_pos[None, None, :] == query_pos[None, :, None]
+    )
     prefix_len = cai_prefix.length if cai_prefix is not None else 0
 
     if q_len > 1:  # prefill: one fused SDPA call over [prefix copy ; suffix]
@@ -74,8 +88,9 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
             key = torch.cat([cai_prefix.keys[layer].expand(batch, -1, -1, -1), key], dim=2)
             value = torch.cat([cai_prefix.values[layer].expand(batch, -1, -1, -1), value], dim=2)
             visible = torch.cat([visible.new_ones(batch, q_len, prefix_len), visible], dim=2)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=visible[:, None],
-                                             scale=scaling, enable_gqa=groups > 1)
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=visible[:, None], scale=scaling, enable_gqa=groups > 1
+        )
         return out.transpose(1, 2).contiguous(), None
 
     # decode (q_len == 1): the batch's query heads become rows of one GEMM per kv head, so the
@@ -87,12 +102,18 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
         layer = module.layer_idx
         rows = grouped.permute(1, 0, 2, 3).reshape(kv_heads, batch * groups, dim)  # [Hkv, B*g, d]
         prefix_scores = torch.bmm(rows, cai_prefix.keys[layer][0].transpose(-1, -2)) * scaling
-        prefix_scores = prefix_scores.reshape(kv_heads, batch, groups, prefix_len).permute(1, 0, 2, 3)
+        prefix_scores = prefix_scores.reshape(kv_heads, batch, groups, prefix_len).permute(
+            1, 0, 2, 3
+        )
         scores = torch.cat([prefix_scores, scores], dim=-1)  # [B, Hkv, g, P + S]
     probs = torch.softmax(scores.float(), dim=-1).to(value.dtype)
     out = torch.matmul(probs[..., prefix_len:], value)  # [B, Hkv, g, d]
     if prefix_len:
-        prefix_probs = probs[..., :prefix_len].permute(1, 0, 2, 3).reshape(kv_heads, batch * groups, prefix_len)
+        prefix_probs = (
+            probs[..., :prefix_len]
+            .permute(1, 0, 2, 3)
+            .reshape(kv_heads, batch * groups, prefix_len)
+        )
         prefix_out = torch.bmm(prefix_probs, cai_prefix.values[layer][0])  # [Hkv, B*g, d]
         out = out + prefix_out.reshape(kv_heads, batch, groups, dim).permute(1, 0, 2, 3)
     return out.reshape(batch, q_heads, 1, dim).transpose(1, 2).contiguous(), None
@@ -123,9 +144,33 @@ class SuffixCache(DynamicCache):
                 grown_v[:, :, :start] = values[:, :, :start]
             keys, values = grown_k, grown_v
             self.buffers[layer_idx] = (keys, values)
-        keys[:, :, start:start + new] = key_states
-        values[:, :, start:start + new] = value_states
-        return keys[:, :, :start + new], values[:, :, :start + new]
+        keys[:, :, start : start + new] = key_states
+        values[:, :, start : start + new] = value_states
+        return keys[:, :, : start + new], values[:, :, : start + new]
+
+    def fill_past(self, rows: list, width: int) -> None:
+        """Start from earlier per-row states: rows[r] is None or (keys, values), lists over layers
+        of [Hkv, length, d]; each is written right-aligned in the first `width` columns."""
+        sample = next(r for r in rows if r is not None)
+        batch, layers = len(rows), len(sample[0])
+        kv_heads, _, dim = sample[0][0].shape
+        for layer in range(layers):
+            keys = sample[0][layer].new_zeros(batch, kv_heads, max(self.capacity, width), dim)
+            values = torch.zeros_like(keys)
+            for row, past in enumerate(rows):
+                if past is not None:
+                    length = past[0][layer].shape[1]
+                    keys[row, :, width - length : width] = past[0][layer]
+                    values[row, :, width - length : width] = past[1][layer]
+            self.buffers[layer] = (keys, values)
+        self.length = width
+
+    def layer_buffers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (keys, values) [B, Hkv, length, d] of what is cached so far."""
+        return [
+            (k[:, :, : self.length], v[:, :, : self.length])
+            for _, (k, v) in sorted(self.buffers.items())
+        ]
 
     def advance(self, new: int) -> None:
         """Called by the engine after each forward pass (all layers wrote `new` columns)."""

@@ -11,12 +11,16 @@ from cai.generation.base import Generation, GenerationEngine, Request
 
 
 class VLLMEngine(GenerationEngine):
-    def __init__(self, model_dir: str, gen_cfg, dtype: str = "auto", trust_remote_code: bool = False):
+    def __init__(
+        self, model_dir: str, gen_cfg, dtype: str = "auto", trust_remote_code: bool = False
+    ):
         try:
             from vllm import LLM
         except ImportError as error:
-            raise ConfigError("generation.backend=vllm needs vLLM: `pip install -e \".[vllm]\"` on a "
-                              "CUDA machine, or use generation=hf.") from error
+            raise ConfigError(
+                'generation.backend=vllm needs vLLM: `pip install -e ".[vllm]"` on a '
+                "CUDA machine, or use generation=hf."
+            ) from error
         self.llm = LLM(
             model=model_dir,
             dtype=dtype if dtype != "auto" else "auto",
@@ -27,18 +31,37 @@ class VLLMEngine(GenerationEngine):
             seed=0,
         )
 
-    def generate(self, requests: list[Request], prefix: str = "", desc: str = "generate") -> list[Generation]:
+    def generate(
+        self,
+        requests: list[Request],
+        prefix: str = "",
+        desc: str = "generate",
+        keep_state: bool = False,
+        states: list | None = None,
+    ) -> list[Generation]:
+        # vLLM's automatic prefix caching already reuses repeated prompt prefixes.
         from vllm import SamplingParams
 
-        params = [SamplingParams(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_new_tokens,
-                                 stop=list(r.stop), seed=r.seed) for r in requests]
+        params = [
+            SamplingParams(
+                temperature=r.temperature,
+                top_p=r.top_p,
+                max_tokens=r.max_new_tokens,
+                stop=list(r.stop),
+                seed=r.seed,
+            )
+            for r in requests
+        ]
         outputs = self.llm.generate([prefix + r.prompt for r in requests], params, use_tqdm=True)
         results = []
         for output in outputs:
             sample = output.outputs[0]
-            results.append(Generation(
-                text=sample.text.strip(), num_tokens=len(sample.token_ids),
-                finish_reason="stop" if sample.finish_reason == "stop" else "length",
-                prompt_tokens=len(output.prompt_token_ids),
-            ))
+            results.append(
+                Generation(
+                    text=sample.text.strip(),
+                    num_tokens=len(sample.token_ids),
+                    finish_reason="stop" if sample.finish_reason == "stop" else "length",
+                    prompt_tokens=len(output.prompt_token_ids),
+                )
+            )
         return results
