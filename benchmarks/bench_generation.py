@@ -44,7 +44,7 @@ class NaiveEngine(GenerationEngine):
         self.stats = {"generated_tokens": 0}
 
     @torch.no_grad()
-    def generate(self, requests, prefix="", desc=""):
+    def generate(self, requests, prefix="", desc="", keep_state=False, states=None):
         out = []
         for r in requests:
             ids = self.tokenizer(prefix + r.prompt, return_tensors="pt")

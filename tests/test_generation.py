@@ -128,3 +128,18 @@ def test_continuing_from_a_state_changes_nothing_but_work(tiny):
     assert engine.stats["reused_tokens"] > 0
     fresh = HFEngine(model, tokenizer, batch_size=3, progress=False).generate(follow, prefix=PREFIX)
     assert [g.text for g in continued] == [g.text for g in fresh]
+
+
+def test_backends_fail_clearly(make_cfg):
+    from cai.errors import ConfigError
+    from cai.generation import build_engine
+
+    cfg = make_cfg("model=tiny", "generation=vllm")
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match=r"pip install -e \\?\"\.\[vllm\]"):
+            build_engine(cfg.generation, cfg.model, cfg.paths.cache_dir)
+    cfg.generation.backend = "tgi"
+    with pytest.raises(ConfigError, match="use hf or vllm"):
+        build_engine(cfg.generation, cfg.model, cfg.paths.cache_dir)

@@ -24,8 +24,14 @@ def build_engine(gen_cfg: DictConfig, model_cfg: DictConfig, cache_dir: str) -> 
             progress=bool(gen_cfg.progress),
         )
     if gen_cfg.backend == "vllm":
-        from cai.generation.vllm import VLLMEngine
+        from cai.generation.vllm import VLLMEngine, require_vllm
 
+        require_vllm()
+        if model_cfg.source == "random" and not model_cfg.get("path"):
+            raise ConfigError(
+                "generation=vllm loads models from a folder: save the random model "
+                "first and pass model.path, or use generation=hf."
+            )
         return VLLMEngine(
             model_folder(model_cfg, cache_dir),
             gen_cfg,

@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface
 
@@ -63,6 +62,10 @@ def shared_prefix_attention(
 
     query: [B, Hq, q, d]; key, value: [B, Hkv, S, d] (the suffix cache, new tokens last);
     cai_key_mask: [B, S] bool. Returns ([B, q, Hq, d], None) as transformers expects.
+
+    Query heads are grouped by the kv head they share ([B, Hkv, g*q, d]). The prefix part treats
+    every row's queries as one long sequence against the single prefix copy (no per-row copy);
+    the suffix part is masked attention per row; the two are merged with their log-sum-exps.
     """
     batch, q_heads, q_len, dim = query.shape
     kv_heads, suffix_len = key.shape[1], key.shape[2]
@@ -80,43 +83,48 @@ def shared_prefix_attention(
     visible = (causal[None] & key_mask[:, None, :]) | (
         key_pos[None, None, :] == query_pos[None, :, None]
     )
-    prefix_len = cai_prefix.length if cai_prefix is not None else 0
-
-    if q_len > 1:  # prefill: one fused SDPA call over [prefix copy ; suffix]
-        if prefix_len:
-            layer = module.layer_idx
-            key = torch.cat([cai_prefix.keys[layer].expand(batch, -1, -1, -1), key], dim=2)
-            value = torch.cat([cai_prefix.values[layer].expand(batch, -1, -1, -1), value], dim=2)
-            visible = torch.cat([visible.new_ones(batch, q_len, prefix_len), visible], dim=2)
-        out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=visible[:, None], scale=scaling, enable_gqa=groups > 1
-        )
-        return out.transpose(1, 2).contiguous(), None
-
-    # decode (q_len == 1): the batch's query heads become rows of one GEMM per kv head, so the
-    # prefix keys/values are read once for the whole batch and never copied.
-    grouped = query.reshape(batch, kv_heads, groups, dim)  # [B, Hkv, g, d]
-    scores = torch.matmul(grouped, key.transpose(-1, -2)) * scaling  # [B, Hkv, g, S]
-    scores = scores.masked_fill(~visible[:, None, :, :], float("-inf"))
-    if prefix_len:
+    grouped = query.reshape(batch, kv_heads, groups * q_len, dim)  # row order: (group, query)
+    mask = (
+        visible[:, None, None]
+        .expand(batch, 1, groups, q_len, suffix_len)
+        .reshape(batch, 1, groups * q_len, suffix_len)
+    )
+    out, lse = _flash(grouped, key, value, mask, scaling)  # [B, Hkv, g*q, d], [B, Hkv, g*q]
+    if cai_prefix is not None and cai_prefix.length:
         layer = module.layer_idx
-        rows = grouped.permute(1, 0, 2, 3).reshape(kv_heads, batch * groups, dim)  # [Hkv, B*g, d]
-        prefix_scores = torch.bmm(rows, cai_prefix.keys[layer][0].transpose(-1, -2)) * scaling
-        prefix_scores = prefix_scores.reshape(kv_heads, batch, groups, prefix_len).permute(
-            1, 0, 2, 3
+        rows = grouped.transpose(0, 1).reshape(1, kv_heads, batch * groups * q_len, dim)
+        prefix_out, prefix_lse = _flash(
+            rows, cai_prefix.keys[layer], cai_prefix.values[layer], None, scaling
         )
-        scores = torch.cat([prefix_scores, scores], dim=-1)  # [B, Hkv, g, P + S]
-    probs = torch.softmax(scores.float(), dim=-1).to(value.dtype)
-    out = torch.matmul(probs[..., prefix_len:], value)  # [B, Hkv, g, d]
-    if prefix_len:
-        prefix_probs = (
-            probs[..., :prefix_len]
-            .permute(1, 0, 2, 3)
-            .reshape(kv_heads, batch * groups, prefix_len)
-        )
-        prefix_out = torch.bmm(prefix_probs, cai_prefix.values[layer][0])  # [Hkv, B*g, d]
-        out = out + prefix_out.reshape(kv_heads, batch, groups, dim).permute(1, 0, 2, 3)
-    return out.reshape(batch, q_heads, 1, dim).transpose(1, 2).contiguous(), None
+        prefix_out = prefix_out.reshape(kv_heads, batch, groups * q_len, dim).transpose(0, 1)
+        prefix_lse = prefix_lse.reshape(kv_heads, batch, groups * q_len).transpose(0, 1)
+        top = torch.maximum(lse, prefix_lse)
+        w_suffix, w_prefix = torch.exp(lse - top), torch.exp(prefix_lse - top)
+        out = (out.float() * w_suffix[..., None] + prefix_out.float() * w_prefix[..., None]) / (
+            w_suffix + w_prefix
+        )[..., None]
+        out = out.to(query.dtype)
+    out = out.reshape(batch, q_heads, q_len, dim)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _flash(query, key, value, mask, scale):
+    """Attention output and its log-sum-exp (fused CPU kernel; a plain fallback elsewhere)."""
+    if query.device.type == "cpu":
+        bias = None  # the kernel takes an additive mask of the query's dtype
+        if mask is not None:
+            bias = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(
+                ~mask, float("-inf")
+            )
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, 0.0, False, attn_mask=bias, scale=scale
+        )[:2]
+        return out, lse.float()
+    scores = torch.matmul(query, key.transpose(-1, -2)).float() * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.matmul(torch.softmax(scores, dim=-1).to(value.dtype), value), lse
 
 
 class SuffixCache(DynamicCache):

@@ -10,20 +10,26 @@ from cai.errors import ConfigError
 from cai.generation.base import Generation, GenerationEngine, Request
 
 
+def require_vllm():
+    """The vllm module, or one clear error saying how to install it."""
+    try:
+        import vllm
+    except ImportError as error:
+        raise ConfigError(
+            'generation.backend=vllm needs vLLM: `pip install -e ".[vllm]"` on a CUDA machine, '
+            "or use generation=hf."
+        ) from error
+    return vllm
+
+
 class VLLMEngine(GenerationEngine):
     def __init__(
         self, model_dir: str, gen_cfg, dtype: str = "auto", trust_remote_code: bool = False
     ):
-        try:
-            from vllm import LLM
-        except ImportError as error:
-            raise ConfigError(
-                'generation.backend=vllm needs vLLM: `pip install -e ".[vllm]"` on a '
-                "CUDA machine, or use generation=hf."
-            ) from error
+        LLM = require_vllm().LLM
         self.llm = LLM(
             model=model_dir,
-            dtype=dtype if dtype != "auto" else "auto",
+            dtype=dtype,
             enable_prefix_caching=True,  # the shared few-shot block is computed once
             tensor_parallel_size=int(gen_cfg.get("tensor_parallel_size", 1)),
             gpu_memory_utilization=float(gen_cfg.get("gpu_memory_utilization", 0.85)),

@@ -1,0 +1,41 @@
+"""The main command as a user runs it, on the embedded model, shrunk to seconds."""
+
+import json
+from pathlib import Path
+
+from conftest import run_train
+
+
+def test_main_command_on_the_embedded_model(tmp_path: Path):
+    args = [
+        "data.max_red_team=1",
+        "data.max_helpful=1",
+        "sl.generate_revisions=1",
+        "sl.max_answer_tokens=8",
+        "sl.max_critique_tokens=8",
+        "sl.max_revision_tokens=8",
+        "generation.progress=false",
+    ]
+    done = run_train(args, tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = next((tmp_path / "outputs" / "runs").glob("*/*/train.log")).read_text()
+    assert "Model smollm2_135m (gguf_wheel), stages: ['generate_sl']" in log
+    summary = json.loads(
+        next((tmp_path / "outputs" / "runs").glob("*/*/pipeline_summary.json")).read_text()
+    )
+    assert [row["stage"] for row in summary] == ["generate_sl"] and summary[0]["built"]
+    manifest = json.loads((Path(summary[0]["path"]) / "manifest.json").read_text())
+    assert (
+        manifest["config"]["model"]["name"] == "smollm2_135m"
+        and manifest["metrics"]["red_team_prompts"] == 1
+    )
+    again = run_train(args, tmp_path, timeout=600)  # second run: everything reused
+    assert again.returncode == 0
+    summaries = sorted((tmp_path / "outputs" / "runs").glob("*/*/pipeline_summary.json"))
+    assert json.loads(summaries[-1].read_text())[0]["built"] is False
+
+
+def test_smoke_experiment(tmp_path: Path):
+    done = run_train(["experiment=smoke", "generation.progress=false"], tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert list((tmp_path / "outputs" / "artifacts" / "generate_sl").glob("*/red_team.jsonl"))
