@@ -70,3 +70,14 @@ def test_unknown_stage_fails_before_any_work(tmp_path: Path):
     done = run_train(["model=tiny", "pipeline.stages=[generate_everything]"], tmp_path, timeout=120)
     assert done.returncode == 2
     assert "Unknown stage 'generate_everything'" in done.stderr
+
+
+def test_csv_logger_is_built_into_the_run_folder(make_cfg, tmp_path):
+    from pytorch_lightning.loggers import CSVLogger
+
+    from cai.loggers import build_loggers
+
+    loggers = build_loggers(make_cfg().logger)
+    assert len(loggers) == 1 and isinstance(loggers[0], CSVLogger)
+    assert loggers[0].save_dir.startswith(str(tmp_path))
+    assert build_loggers(make_cfg("logger=none").logger) == []

@@ -14,7 +14,7 @@ import logging
 import random
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from cai.artifacts import Artifact, PartWriter, write_jsonl_atomic
@@ -181,10 +181,15 @@ def stage_inputs(cfg: DictConfig) -> dict:
     return {"constitution": constitution.fingerprint(), "prompts": prompts.fingerprint()}
 
 
+_INPUTS: dict[str, tuple] = {}  # loaded once per process and config (keys are computed often)
+
+
 def _load_inputs(cfg: DictConfig) -> tuple[Constitution, object]:
-    constitution = load_constitution(cfg.constitution, cfg.paths.data_dir, cfg.paths.cache_dir)
-    prompts = load_prompts(cfg.data, cfg.paths.data_dir)
-    return constitution, prompts
+    key = OmegaConf.to_yaml(OmegaConf.create({"c": cfg.constitution, "d": cfg.data, "p": cfg.paths}))
+    if key not in _INPUTS:
+        constitution = load_constitution(cfg.constitution, cfg.paths.data_dir, cfg.paths.cache_dir)
+        _INPUTS[key] = (constitution, load_prompts(cfg.data, cfg.paths.data_dir))
+    return _INPUTS[key]
 
 
 def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) -> dict:

@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 
 from cai.constitution import parse_turns
 from cai.errors import ConfigError
+from cai.models import hub_reachable
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class PromptSet:
 
 def load_prompts(cfg: DictConfig, data_dir: str | None = None) -> PromptSet:
     """Both prompt lists for the `data` config node, deduplicated, split and limited."""
+    helpful_source = cfg.source
     if cfg.source == "builtin":
         red = _from_yaml(RESOURCES / "red_team.yaml")
         helpful = _from_yaml(RESOURCES / "helpful.yaml")
@@ -72,6 +74,7 @@ def load_prompts(cfg: DictConfig, data_dir: str | None = None) -> PromptSet:
         red = _from_file(cfg.get("red_team_file"), "data.red_team_file")
         helpful = _from_file(cfg.get("helpful_file"), "data.helpful_file")
     elif cfg.source == "hh_rlhf":
+        helpful_source = "hh-rlhf helpful-base"
         red = _from_hh_rlhf(cfg, data_dir, "harmless-base")
         helpful = _from_hh_rlhf(cfg, data_dir, "helpful-base")
         if helpful is None:
@@ -82,11 +85,12 @@ def load_prompts(cfg: DictConfig, data_dir: str | None = None) -> PromptSet:
                 "builtin helpfulness prompts (recorded in the manifest)."
             )
             helpful = _from_yaml(RESOURCES / "helpful.yaml")
+            helpful_source = "builtin (hh-rlhf helpful-base unavailable)"
         if red is None:
             raise ConfigError(_hh_missing("harmless-base", data_dir))
     else:
         raise ConfigError(f"data.source={cfg.source!r}: use builtin, hh_rlhf or files.")
-    counts: dict = {}
+    counts: dict = {"helpful_source": helpful_source}
     red_prompts = _finish(
         red, "red_team", cfg, counts, cfg.get("max_red_team"), cfg.get("max_eval")
     )
@@ -199,7 +203,7 @@ def _from_hh_rlhf(
             dataset = datasets.load_dataset(
                 "json", data_files=[str(f) for f in files], split="train"
             )
-        elif cfg.get("allow_download", True):
+        elif cfg.get("allow_download", True) and hub_reachable():
             dataset = datasets.load_dataset(cfg.hub_id, data_dir=subset, split="train")
         else:
             return None

@@ -243,7 +243,7 @@ def _hub_id_or_raise(model_cfg: DictConfig) -> str:
     hub_id = model_cfg.hub_id
     if isinstance(try_to_load_from_cache(hub_id, "config.json"), str):
         return hub_id  # in the local hub cache
-    if not _hub_reachable():
+    if not hub_reachable():
         raise ModelUnavailable(
             f"Model {model_cfg.name!r} ({hub_id}) is not in the local hub cache and the hub cannot "
             f"be reached (offline). Download it elsewhere and pass model.path=<folder>, or use "
@@ -252,7 +252,8 @@ def _hub_id_or_raise(model_cfg: DictConfig) -> str:
     return hub_id
 
 
-def _hub_reachable(timeout_s: float = 3.0) -> bool:
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """False at once when HF_HUB_OFFLINE is set or the hub does not answer within `timeout_s`."""
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
         return False
     try:
