@@ -185,7 +185,9 @@ _INPUTS: dict[str, tuple] = {}  # loaded once per process and config (keys are c
 
 
 def _load_inputs(cfg: DictConfig) -> tuple[Constitution, object]:
-    key = OmegaConf.to_yaml(OmegaConf.create({"c": cfg.constitution, "d": cfg.data, "p": cfg.paths}))
+    key = OmegaConf.to_yaml(
+        OmegaConf.create({"c": cfg.constitution, "d": cfg.data, "p": cfg.paths})
+    )
     if key not in _INPUTS:
         constitution = load_constitution(cfg.constitution, cfg.paths.data_dir, cfg.paths.cache_dir)
         _INPUTS[key] = (constitution, load_prompts(cfg.data, cfg.paths.data_dir))

@@ -10,4 +10,6 @@ def build_loggers(logger_cfg: DictConfig | None) -> list:
     """One Lightning logger per entry of the `logger` group (none for logger=none)."""
     if not logger_cfg:
         return []
-    return [instantiate(node) for node in logger_cfg.values() if node is not None and "_target_" in node]
+    return [
+        instantiate(node) for node in logger_cfg.values() if node is not None and "_target_" in node
+    ]

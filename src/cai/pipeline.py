@@ -201,6 +201,7 @@ def _hydra_output_dir() -> str | None:
 def _register_stages() -> None:
     """The pipeline's stages, in order. Each later stage adds its line here."""
     from cai import critique
+    from cai.modules import sft
 
     STAGES.update(
         {
@@ -210,6 +211,20 @@ def _register_stages() -> None:
                 config_keys=("model", "constitution", "data", "sl", "generation"),
                 ignore=("sl.num_revisions", "generation.batch_size", "generation.progress"),
                 content=critique.stage_inputs,
+            ),
+            "sft": Stage(
+                "sft",
+                sft.run_stage,
+                config_keys=("model", "sft", "sl.num_revisions", "trainer"),
+                upstream=("generate_sl",),
+                ignore=(
+                    "sft.checkpoint_every",
+                    "trainer.enable_progress_bar",
+                    "trainer.default_root_dir",
+                    "trainer.log_every_n_steps",
+                    "trainer.enable_model_summary",
+                    "trainer.enable_checkpointing",
+                ),
             ),
         }
     )

@@ -223,9 +223,7 @@ class HFEngine(GenerationEngine):
                             keep.append(slot)
                             continue
                     if keep_state:
-                        states[row] = self._row_state(
-                            cache, key_mask, slot, tokens[row], fed, requests[row]
-                        )
+                        states[row] = self._row_state(cache, key_mask, slot, tokens[row], fed)
                 self.stats["generated_tokens"] += len(live)
                 if not keep:
                     break
@@ -308,7 +306,6 @@ class HFEngine(GenerationEngine):
         slot: int,
         tokens: list[int],
         fed: bool,
-        request: Request,
     ) -> RowState:
         """Copy one row's real (unpadded) keys/values out of the batch cache."""
         real = key_mask[slot]

@@ -1,0 +1,390 @@
+"""SL-CAI: fine-tune a causal LM on the critique -> revision data (Bai et al. 2022, section 3).
+
+Each red-team prompt contributes (prompt, revision n) with n = `sl.num_revisions` (0 = the
+initial answer, the no-revision baseline); each helpfulness prompt contributes its samples. The
+loss covers the response tokens only. Paper settings (section 3.1): 1 epoch, constant learning
+rate (0.5x pretraining), here with a short linear warm-up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+from cai.artifacts import Artifact, read_jsonl
+from cai.errors import ConfigError
+
+log = logging.getLogger(__name__)
+IGNORE = -100  # label of tokens that carry no loss (the prompt, padding)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Examples: prompt tokens masked, response tokens counted
+
+
+@dataclass(frozen=True)
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE on prompt tokens
+    prompt_id: str
+
+
+def encode_example(
+    tokenizer, prompt_text: str, response: str, prompt_format: str, prompt_id: str
+) -> Example:
+    """Tokens of prompt + response + end token; labels only on the response and end token."""
+    if prompt_format == "chat":
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt_text}], tokenize=False, add_generation_prompt=True
+        )
+    else:
+        prompt = f"\n\nHuman: {prompt_text}\n\nAssistant:"
+        response = " " + response
+    prompt_ids = tokenizer(prompt, add_special_tokens=prompt_format != "chat").input_ids
+    response_ids = tokenizer(response, add_special_tokens=False).input_ids + [
+        tokenizer.eos_token_id
+    ]
+    return Example(prompt_ids + response_ids, [IGNORE] * len(prompt_ids) + response_ids, prompt_id)
+
+
+def sl_examples(
+    sl_artifact: Artifact,
+    num_revisions: int,
+    tokenizer,
+    prompt_format: str,
+    include_helpful: bool,
+    max_length: int,
+) -> tuple[list[Example], dict]:
+    """All training examples of an SL data artifact for target revision `num_revisions`."""
+    red = read_jsonl(sl_artifact.file("red_team.jsonl"))
+    helpful = read_jsonl(sl_artifact.file("helpful.jsonl")) if include_helpful else []
+    generated = int(sl_artifact.manifest["metrics"]["revisions_per_prompt"])
+    if not 0 <= num_revisions <= generated:
+        raise ConfigError(
+            f"sl.num_revisions={num_revisions}, but the SL data holds {generated} revisions per "
+            f"prompt: use 0..{generated}, or regenerate with sl.generate_revisions>={num_revisions}."
+        )
+    pairs = [
+        (
+            r["id"],
+            r["prompt"],
+            r["initial"] if num_revisions == 0 else r["revisions"][num_revisions - 1]["revision"],
+        )
+        for r in red
+    ]
+    pairs += [(h["id"], h["prompt"], s) for h in helpful for s in h["samples"]]
+    pairs = [p for p in pairs if p[2].strip()]
+    if not pairs:
+        raise ConfigError(
+            f"The SL data in {sl_artifact.path} has no non-empty answers to train on."
+        )
+    examples = [
+        encode_example(tokenizer, prompt, answer, prompt_format, pid)
+        for pid, prompt, answer in pairs
+    ]
+    kept = [e for e in examples if len(e.input_ids) <= max_length]
+    counts = {
+        "red_team": len(red),
+        "helpful_samples": len(pairs) - len(red),
+        "examples": len(kept),
+        "skipped_too_long": len(examples) - len(kept),
+    }
+    if counts["skipped_too_long"]:
+        log.warning(
+            "Skipped %d SFT examples longer than sft.max_length=%d.",
+            counts["skipped_too_long"],
+            max_length,
+        )
+    if not kept:
+        raise ConfigError(
+            f"Every SFT example is longer than sft.max_length={max_length}; raise it."
+        )
+    return kept, counts
+
+
+def split_examples(
+    examples: list[Example], val_fraction: float
+) -> tuple[list[Example], list[Example]]:
+    """Hold out whole prompts (by a hash of their id) for the validation loss."""
+
+    def held_out(e: Example) -> bool:
+        return (
+            int(hashlib.sha256(e.prompt_id.encode()).hexdigest()[:8], 16) % 1000
+            < val_fraction * 1000
+        )
+
+    train = [e for e in examples if not held_out(e)]
+    val = [e for e in examples if held_out(e)]
+    if not train:
+        train, val = val, []
+    return train, val
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Batches: length bucketing, right padding
+
+
+def bucketed_batches(
+    lengths: list[int], batch_size: int, bucket_size: int, seed: int
+) -> list[list[int]]:
+    """Batches of indices with similar lengths (little padding), in a seeded random order."""
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    chunk = batch_size * bucket_size
+    batches = []
+    for start in range(0, len(order), chunk):
+        bucket = sorted(order[start : start + chunk], key=lambda i: lengths[i])
+        batches += [bucket[i : i + batch_size] for i in range(0, len(bucket), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        input_ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        labels[row, : len(e.labels)] = torch.tensor(e.labels)
+        attention_mask[row, : len(e.input_ids)] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+class SFTDataModule(pl.LightningDataModule):
+    def __init__(
+        self,
+        train: list[Example],
+        val: list[Example],
+        batch_size: int,
+        bucket_size: int,
+        pad_id: int,
+        seed: int,
+    ):
+        super().__init__()
+        self.train, self.val = train, val
+        self.batch_size, self.bucket_size, self.pad_id, self.seed = (
+            batch_size,
+            bucket_size,
+            pad_id,
+            seed,
+        )
+
+    def _loader(self, examples: list[Example], seed: int) -> DataLoader:
+        batches = bucketed_batches(
+            [len(e.input_ids) for e in examples], self.batch_size, self.bucket_size, seed
+        )
+        return DataLoader(
+            examples, batch_sampler=batches, collate_fn=lambda b: collate(b, self.pad_id)
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train, self.seed)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self.val, self.seed) if self.val else []
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. The module
+
+
+def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over response tokens.
+
+    logits: [B, T, V]; labels: [B, T] with IGNORE on prompt and padding. Position t predicts t+1.
+    """
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE
+    )
+
+
+class SFTModule(pl.LightningModule):
+    def __init__(self, model, lr: float, weight_decay: float, betas, warmup_steps: int):
+        super().__init__()
+        self.model = model
+        self.lr, self.weight_decay, self.betas, self.warmup_steps = (
+            lr,
+            weight_decay,
+            tuple(betas),
+            warmup_steps,
+        )
+        self._tokens, self._started = 0, None
+
+    def on_train_start(self):
+        self.start_step = self.global_step  # > 0 when resumed from a checkpoint
+
+    def training_step(self, batch, batch_idx):
+        # 1. forward over prompt + response; 2. loss on response tokens only
+        logits = self.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits
+        loss = response_loss(logits, batch["labels"])
+        # 3. log loss and throughput (all tokens processed, padding excluded)
+        self._tokens += int(batch["attention_mask"].sum())
+        self._started = self._started or time.perf_counter()
+        elapsed = max(time.perf_counter() - self._started, 1e-6)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log("train/tokens_per_s", self._tokens / elapsed, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        logits = self.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits
+        self.log(
+            "val/loss",
+            response_loss(logits, batch["labels"]),
+            prog_bar=True,
+            batch_size=batch["input_ids"].shape[0],
+        )
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            params, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas
+        )
+        warmup = max(1, self.warmup_steps)
+        # Constant learning rate after a linear warm-up (paper: constant LR, section 3.1).
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / warmup)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. The pipeline stage
+
+
+def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) -> dict:
+    """sft: train SL-CAI-n and save it with save_pretrained in `work_dir/model`."""
+    from hydra.utils import instantiate
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from cai.loggers import build_loggers
+    from cai.models import bf16_supported, load_model
+
+    sft = cfg.sft
+    init_cfg = _init_model_cfg(cfg)
+    model, tokenizer = load_model(init_cfg, cfg.paths.cache_dir, dtype="float32")
+    examples, counts = sl_examples(
+        upstream["generate_sl"],
+        int(cfg.sl.num_revisions),
+        tokenizer,
+        init_cfg.prompt_format,
+        bool(sft.include_helpful),
+        int(sft.max_length),
+    )
+    train, val = split_examples(examples, float(sft.val_fraction))
+    if sft.lora:
+        model = _with_lora(model, sft)
+    model.train()
+    data = SFTDataModule(
+        train, val, int(sft.batch_size), int(sft.bucket_size), tokenizer.pad_token_id, int(cfg.seed)
+    )
+    module = SFTModule(
+        model, float(sft.lr), float(sft.weight_decay), sft.betas, int(sft.warmup_steps)
+    )
+    checkpoints = work_dir / "checkpoints"
+    precision = cfg.trainer.precision
+    if cfg.trainer.accelerator == "cpu" and "bf16" in str(precision) and not bf16_supported():
+        log.warning("This CPU has no native bf16: training in fp32.")
+        precision = "32-true"
+    pl.seed_everything(int(cfg.seed), workers=True)
+    trainer = instantiate(
+        cfg.trainer,
+        precision=precision,
+        max_steps=int(sft.max_steps),
+        logger=build_loggers(cfg.logger),
+        callbacks=[
+            ModelCheckpoint(
+                dirpath=checkpoints,
+                save_last=True,
+                every_n_train_steps=int(sft.checkpoint_every),
+                save_top_k=0,
+            )
+        ],
+    )
+    resume = checkpoints / "last.ckpt"
+    resumed = resume.is_file()  # a killed run left a checkpoint: continue from its step
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resumed else None)
+    wall = time.perf_counter() - start
+    final = module.model.merge_and_unload() if sft.lora else module.model
+    final.save_pretrained(work_dir / "model", safe_serialization=True)
+    tokenizer.save_pretrained(work_dir / "model")
+    import shutil
+
+    shutil.rmtree(checkpoints, ignore_errors=True)  # resumable state is not part of the artifact
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    return {
+        **counts,
+        "train_examples": len(train),
+        "val_examples": len(val),
+        "steps": trainer.global_step,
+        "resumed": resumed,
+        "start_step": module.start_step,
+        "fit_wall_s": round(wall, 2),
+        **metrics,
+        "target_revision": int(cfg.sl.num_revisions),
+        "init": str(sft.init),
+    }
+
+
+def _init_model_cfg(cfg: DictConfig) -> DictConfig:
+    """`sft.init`: `policy` (the helpful model itself), a model preset name, or a local folder."""
+    from omegaconf import OmegaConf
+
+    from cai.config import available_models, load_model_preset
+
+    init = str(cfg.sft.init)
+    if init == "policy":
+        return cfg.model
+    if init in available_models():
+        return load_model_preset(init)
+    if Path(init).is_dir():
+        return OmegaConf.merge(cfg.model, {"path": init})
+    raise ConfigError(
+        f"sft.init={init!r}: use policy, a model preset ({', '.join(available_models())}) or a "
+        f"local transformers folder."
+    )
+
+
+def _with_lora(model, sft: DictConfig):
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as error:
+        raise ConfigError("sft.lora=true needs peft: pip install -e '.[lora]'.") from error
+    config = LoraConfig(
+        r=int(sft.lora_r),
+        lora_alpha=int(sft.lora_alpha),
+        lora_dropout=float(sft.lora_dropout),
+        target_modules=list(sft.lora_targets),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def load_sft_model(artifact: Artifact, dtype: str = "auto"):
+    """The SL-CAI model and tokenizer of an sft artifact (plain transformers loading)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cai.models import resolve_dtype
+
+    folder = artifact.path / "model"
+    return (
+        AutoModelForCausalLM.from_pretrained(
+            folder, dtype=resolve_dtype(dtype), use_safetensors=True
+        ),
+        AutoTokenizer.from_pretrained(folder),
+    )
