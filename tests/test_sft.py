@@ -204,3 +204,36 @@ def test_killed_training_resumes_from_its_checkpoint(make_cfg, monkeypatch):
     assert resumed.manifest["metrics"]["steps"] == resumed.manifest["metrics"][
         "train_examples"
     ] // 2 + (resumed.manifest["metrics"]["train_examples"] % 2 > 0)
+
+
+def test_lora_trains_adapters_and_saves_a_merged_model(make_cfg):
+    sft = pipeline.run(make_cfg(*SMALL, "sft.lora=true", "sft.lora_r=4"))["sft"]
+    model = AutoModelForCausalLM.from_pretrained(sft.path / "model")
+    assert not [name for name in model.state_dict() if "lora" in name]  # merged into the weights
+    assert sft.manifest["config"]["sft"]["lora"] is True
+
+
+def test_empty_sl_data_fails_without_an_artifact(make_cfg, tmp_path):
+    from cai.artifacts import Artifact
+    from cai.modules.sft import sl_examples
+
+    (tmp_path / "red_team.jsonl").write_text("")
+    (tmp_path / "helpful.jsonl").write_text("")
+    empty = Artifact("generate_sl", "k", tmp_path, {"metrics": {"revisions_per_prompt": 4}})
+    with pytest.raises(ConfigError, match="no non-empty answers"):
+        sl_examples(empty, 4, None, "chat", True, 1024)
+
+
+def test_gradient_clipping_bounds_the_norm(tiny):
+    model, tokenizer = tiny
+    module = SFTModule(
+        AutoModelForCausalLM.from_config(model.config), 1e-3, 0.0, (0.9, 0.95), 1, clip_norm=0.01
+    )
+    batch = collate(_examples(tokenizer, 2), tokenizer.pad_token_id)
+    logits, labels = module.response_logits(batch)
+    response_loss(logits, labels).backward()
+    module.on_before_optimizer_step(None)
+    norm = torch.sqrt(
+        sum((p.grad.float() ** 2).sum() for p in module.model.parameters() if p.grad is not None)
+    )
+    assert norm <= 0.0101

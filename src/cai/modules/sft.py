@@ -210,9 +210,18 @@ def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 class SFTModule(pl.LightningModule):
-    def __init__(self, model, lr: float, weight_decay: float, betas, warmup_steps: int):
+    def __init__(
+        self,
+        model,
+        lr: float,
+        weight_decay: float,
+        betas,
+        warmup_steps: int,
+        clip_norm: float | None = None,
+    ):
         super().__init__()
         self.model = model
+        self.clip_norm = clip_norm  # clipped here: Lightning refuses to clip with a fused optimizer
         self.lr, self.weight_decay, self.betas, self.warmup_steps = (
             lr,
             weight_decay,
@@ -224,12 +233,24 @@ class SFTModule(pl.LightningModule):
     def on_train_start(self):
         self.start_step = self.global_step  # > 0 when resumed from a checkpoint
 
+    def response_logits(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits only where they predict a response token (the LM head on prompt positions is
+        wasted work), and the matching labels. Returns [B, k, V] and [B, k]."""
+        labels = batch["labels"]
+        counted = labels != IGNORE
+        first = int(counted.float().argmax(dim=1).min())  # earliest response token in the batch
+        keep = labels.shape[1] - first + 1
+        logits = self.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            logits_to_keep=keep,
+        ).logits
+        return logits, labels[:, -keep:]
+
     def training_step(self, batch, batch_idx):
         # 1. forward over prompt + response; 2. loss on response tokens only
-        logits = self.model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-        ).logits
-        loss = response_loss(logits, batch["labels"])
+        logits, labels = self.response_logits(batch)
+        loss = response_loss(logits, labels)
         # 3. log loss and throughput (all tokens processed, padding excluded)
         self._tokens += int(batch["attention_mask"].sum())
         self._started = self._started or time.perf_counter()
@@ -239,21 +260,27 @@ class SFTModule(pl.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        logits = self.model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-        ).logits
+        logits, labels = self.response_logits(batch)
         self.log(
             "val/loss",
-            response_loss(logits, batch["labels"]),
+            response_loss(logits, labels),
             prog_bar=True,
             batch_size=batch["input_ids"].shape[0],
         )
 
+    def on_before_optimizer_step(self, optimizer):
+        if self.clip_norm:
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.grad is not None], self.clip_norm
+            )
+
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
-            params, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas
-        )
+        settings = {"lr": self.lr, "weight_decay": self.weight_decay, "betas": self.betas}
+        try:  # the fused kernel: one pass over all parameters (about 4x faster on a CPU)
+            optimizer = torch.optim.AdamW(params, fused=True, **settings)
+        except (RuntimeError, TypeError):
+            optimizer = torch.optim.AdamW(params, **settings)
         warmup = max(1, self.warmup_steps)
         # Constant learning rate after a linear warm-up (paper: constant LR, section 3.1).
         schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -292,8 +319,14 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
     data = SFTDataModule(
         train, val, int(sft.batch_size), int(sft.bucket_size), tokenizer.pad_token_id, int(cfg.seed)
     )
+    clip = cfg.trainer.get("gradient_clip_val")
     module = SFTModule(
-        model, float(sft.lr), float(sft.weight_decay), sft.betas, int(sft.warmup_steps)
+        model,
+        float(sft.lr),
+        float(sft.weight_decay),
+        sft.betas,
+        int(sft.warmup_steps),
+        clip_norm=float(clip) if clip else None,
     )
     checkpoints = work_dir / "checkpoints"
     precision = cfg.trainer.precision
@@ -304,6 +337,7 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
     trainer = instantiate(
         cfg.trainer,
         precision=precision,
+        gradient_clip_val=None,  # the module clips (see SFTModule.on_before_optimizer_step)
         max_steps=int(sft.max_steps),
         logger=build_loggers(cfg.logger),
         callbacks=[
