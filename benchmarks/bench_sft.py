@@ -28,15 +28,25 @@ from cai.data import load_prompts  # noqa: E402
 from cai.models import load_model  # noqa: E402
 from cai.modules.sft import SFTDataModule, SFTModule, encode_example  # noqa: E402
 
-ANSWER = ("I can't help with that, because it could hurt someone or break the law. If you are dealing "
-          "with a difficult situation, I'm glad to talk through safer options, point you to people "
-          "who can help, or explain the rules that apply. ")
+ANSWER = (
+    "I can't help with that, because it could hurt someone or break the law. If you are dealing "
+    "with a difficult situation, I'm glad to talk through safer options, point you to people "
+    "who can help, or explain the rules that apply. "
+)
 
 
 def chats(n: int) -> list[tuple[str, str]]:
     """~220-token chats: builtin prompts with answers of varied length."""
-    cfg = OmegaConf.create({"source": "builtin", "eval_percent": 0, "shuffle_seed": 0, "max_red_team": n,
-                            "max_helpful": 1, "max_eval": 0})
+    cfg = OmegaConf.create(
+        {
+            "source": "builtin",
+            "eval_percent": 0,
+            "shuffle_seed": 0,
+            "max_red_team": n,
+            "max_helpful": 1,
+            "max_eval": 0,
+        }
+    )
     prompts = load_prompts(cfg).red_team[:n]
     return [(p.text, ANSWER * (2 + i % 3)) for i, p in enumerate(prompts)]
 
@@ -51,12 +61,24 @@ class StepTimer(pl.Callback):
 
 def run_ours(model, tokenizer, data, batch_size):
     examples = [encode_example(tokenizer, q, a, "chat", f"p{i}") for i, (q, a) in enumerate(data)]
-    module = SFTModule(model, lr=1e-5, weight_decay=0.0, betas=(0.9, 0.95), warmup_steps=1, clip_norm=1.0)
+    module = SFTModule(
+        model, lr=1e-5, weight_decay=0.0, betas=(0.9, 0.95), warmup_steps=1, clip_norm=1.0
+    )
     timer = StepTimer()
-    trainer = pl.Trainer(accelerator="cpu", precision="bf16-mixed", max_epochs=1, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[timer], num_sanity_val_steps=0)
-    trainer.fit(module, datamodule=SFTDataModule(examples, [], batch_size, 8, tokenizer.pad_token_id, 0))
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        precision="bf16-mixed",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(
+        module, datamodule=SFTDataModule(examples, [], batch_size, 8, tokenizer.pad_token_id, 0)
+    )
     (t0, _), rest = timer.times[0], timer.times[1:]
     return sum(n for _, n in rest) / (rest[-1][0] - t0)
 
@@ -66,28 +88,51 @@ def run_trl(model, tokenizer, data, batch_size):
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    rows = [{"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}]}
-            for q, a in data]
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": q}],
+            "completion": [{"role": "assistant", "content": a}],
+        }
+        for q, a in data
+    ]
     times = []
 
     class Timer(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             times.append((time.perf_counter(), state.num_input_tokens_seen))
 
-    args = SFTConfig(output_dir="/tmp/bench_sft_trl", per_device_train_batch_size=batch_size, bf16=True,
-                     max_steps=len(data) // batch_size, learning_rate=1e-5, lr_scheduler_type="constant",
-                     logging_steps=1000, save_strategy="no", report_to=[], use_cpu=True,
-                     include_num_input_tokens_seen="non_padding", dataloader_num_workers=0,
-                     max_length=1024, seed=0)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
-                         processing_class=tokenizer, callbacks=[Timer()])
+    args = SFTConfig(
+        output_dir="/tmp/bench_sft_trl",
+        per_device_train_batch_size=batch_size,
+        bf16=True,
+        max_steps=len(data) // batch_size,
+        learning_rate=1e-5,
+        lr_scheduler_type="constant",
+        logging_steps=1000,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0,
+        max_length=1024,
+        seed=0,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=tokenizer,
+        callbacks=[Timer()],
+    )
     trainer.train()
     (t0, n0), (t1, n1) = times[0], times[-1]
     return (n1 - n0) / (t1 - t0)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="smollm2_135m")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -95,10 +140,14 @@ def main():
     cache = str(Path.home() / ".cache" / "cai")
     data = chats(args.batch_size * (args.steps + 1))
     spec = load_model_preset(args.model)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, model {args.model}, batch "
-          f"{args.batch_size}, {args.steps} timed steps, bf16 autocast")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, model {args.model}, batch "
+        f"{args.batch_size}, {args.steps} timed steps, bf16 autocast"
+    )
     model, tokenizer = load_model(spec, cache, dtype="float32")
-    mean_len = sum(len(encode_example(tokenizer, q, a, "chat", "x").input_ids) for q, a in data) / len(data)
+    mean_len = sum(
+        len(encode_example(tokenizer, q, a, "chat", "x").input_ids) for q, a in data
+    ) / len(data)
     print(f"mean chat length: {mean_len:.0f} tokens")
     trl_rate = run_trl(model, tokenizer, data, args.batch_size)
     print(f"TRL SFTTrainer                {trl_rate:8.1f} tokens/s")

@@ -8,9 +8,12 @@ from conftest import run_train
 
 def test_main_command_on_the_embedded_model(tmp_path: Path):
     args = [
-        "data.max_red_team=1",
+        "data.max_red_team=2",
         "data.max_helpful=1",
         "sl.generate_revisions=1",
+        "sl.num_revisions=1",
+        "sft.batch_size=2",
+        "trainer.enable_progress_bar=false",
         "sl.max_answer_tokens=8",
         "sl.max_critique_tokens=8",
         "sl.max_revision_tokens=8",
@@ -19,20 +22,25 @@ def test_main_command_on_the_embedded_model(tmp_path: Path):
     done = run_train(args, tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     log = next((tmp_path / "outputs" / "runs").glob("*/*/train.log")).read_text()
-    assert "Model smollm2_135m (gguf_wheel), stages: ['generate_sl']" in log
+    assert "Model smollm2_135m (gguf_wheel), stages: ['generate_sl', 'sft']" in log
     summary = json.loads(
         next((tmp_path / "outputs" / "runs").glob("*/*/pipeline_summary.json")).read_text()
     )
-    assert [row["stage"] for row in summary] == ["generate_sl"] and summary[0]["built"]
+    assert [row["stage"] for row in summary] == ["generate_sl", "sft"] and summary[0]["built"]
     manifest = json.loads((Path(summary[0]["path"]) / "manifest.json").read_text())
     assert (
         manifest["config"]["model"]["name"] == "smollm2_135m"
-        and manifest["metrics"]["red_team_prompts"] == 1
+        and manifest["metrics"]["red_team_prompts"] == 2
     )
+    from transformers import AutoModelForCausalLM
+
+    sl_cai = AutoModelForCausalLM.from_pretrained(Path(summary[1]["path"]) / "model")  # SL-CAI-1
+    assert sl_cai.config.num_hidden_layers == 30
+    assert list((tmp_path / "outputs" / "runs").glob("*/*/csv/version_*/metrics.csv"))  # logged
     again = run_train(args, tmp_path, timeout=600)  # second run: everything reused
     assert again.returncode == 0
     summaries = sorted((tmp_path / "outputs" / "runs").glob("*/*/pipeline_summary.json"))
-    assert json.loads(summaries[-1].read_text())[0]["built"] is False
+    assert [row["built"] for row in json.loads(summaries[-1].read_text())] == [False, False]
 
 
 def test_smoke_experiment(tmp_path: Path):

@@ -237,3 +237,24 @@ def test_gradient_clipping_bounds_the_norm(tiny):
         sum((p.grad.float() ** 2).sum() for p in module.model.parameters() if p.grad is not None)
     )
     assert norm <= 0.0101
+
+
+def test_right_padding_needs_no_attention_mask(tiny):
+    """The loss the module computes (no mask, right padding) equals the masked computation."""
+    model, tokenizer = tiny
+    examples = [
+        encode_example(tokenizer, "Hi", "Hello there, how can I help?", "chat", "a"),
+        encode_example(
+            tokenizer, "A much longer question about baking bread at home?", "Sure.", "chat", "b"
+        ),
+    ]
+    batch = collate(examples, tokenizer.pad_token_id)
+    module = SFTModule(model, 1e-3, 0.0, (0.9, 0.95), 1)
+    with torch.no_grad():
+        logits, labels = module.response_logits(batch)
+        ours = response_loss(logits, labels)
+        masked = response_loss(
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+            batch["labels"],
+        )
+    assert torch.allclose(ours, masked, atol=1e-5)

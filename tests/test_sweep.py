@@ -9,7 +9,10 @@ from conftest import run_train
 TINY_SL = [
     "data.max_red_team=2",
     "data.max_helpful=1",
-    "sl.generate_revisions=1",
+    "sl.generate_revisions=2",
+    "sft.batch_size=2",
+    "trainer.enable_progress_bar=false",
+    "logger=none",
     "sl.max_answer_tokens=6",
     "sl.max_critique_tokens=6",
     "sl.max_revision_tokens=6",
@@ -38,13 +41,19 @@ def test_size_sweep_launches_one_job_per_size(tmp_path: Path):
 
 def test_size_sweep_with_tiny_stand_ins_runs_the_stages(tmp_path: Path):
     done = run_train(
-        ["-m", "model=size_sweep", "model.preset=tiny,tiny_2x", *TINY_SL], tmp_path, timeout=600
+        ["-m", "model=size_sweep", "model.preset=tiny,tiny_2x", "sl.num_revisions=2", *TINY_SL],
+        tmp_path,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert len(launched(done.stdout + done.stderr)) == 2
     summaries = sorted((tmp_path / "outputs" / "multirun").glob("*/*/*/pipeline_summary.json"))
     keys = [json.loads(p.read_text())[0]["key"] for p in summaries]
     assert len(keys) == 2 and keys[0] != keys[1]  # one artifact per model size
+    assert all(
+        [row["stage"] for row in json.loads(p.read_text())] == ["generate_sl", "sft"]
+        for p in summaries
+    )
     manifests = list((tmp_path / "outputs" / "artifacts" / "generate_sl").glob("*/manifest.json"))
     assert sorted(json.loads(m.read_text())["config"]["model"]["name"] for m in manifests) == [
         "tiny",
@@ -57,5 +66,9 @@ def test_sibling_jobs_share_upstream_artifacts(tmp_path: Path):
     done = run_train(["-m", "model=tiny", "sl.num_revisions=1,2", *TINY_SL], tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     summaries = sorted((tmp_path / "outputs" / "multirun").glob("*/*/*/pipeline_summary.json"))
-    rows = [json.loads(p.read_text())[0] for p in summaries]
-    assert len({r["key"] for r in rows}) == 1 and [r["built"] for r in rows] == [True, False]
+    rows = [json.loads(p.read_text()) for p in summaries]
+    sl_rows, sft_rows = [r[0] for r in rows], [r[1] for r in rows]
+    assert len({r["key"] for r in sl_rows}) == 1 and [r["built"] for r in sl_rows] == [True, False]
+    assert len({r["key"] for r in sft_rows}) == 2 and all(
+        r["built"] for r in sft_rows
+    )  # SL-CAI-1, SL-CAI-2

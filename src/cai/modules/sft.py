@@ -240,11 +240,9 @@ class SFTModule(pl.LightningModule):
         counted = labels != IGNORE
         first = int(counted.float().argmax(dim=1).min())  # earliest response token in the batch
         keep = labels.shape[1] - first + 1
-        logits = self.model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            logits_to_keep=keep,
-        ).logits
+        # Padding is on the right, so under the causal mask no real token attends to a pad: no
+        # attention mask is needed, and attention takes the fused causal path.
+        logits = self.model(input_ids=batch["input_ids"], logits_to_keep=keep).logits
         return logits, labels[:, -keep:]
 
     def training_step(self, batch, batch_idx):
