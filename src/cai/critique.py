@@ -40,6 +40,20 @@ def request_seed(seed: int, *parts) -> int:
     return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
 
 
+def sl_request(
+    text: str, max_tokens: int, builder: SLPrompts, sl: DictConfig, seed: int
+) -> Request:
+    """One SL-CAI generation request: the `sl` sampling settings and the format's stop strings."""
+    return Request(
+        text,
+        max_new_tokens=int(max_tokens),
+        temperature=float(sl.temperature),
+        top_p=float(sl.top_p),
+        stop=builder.stops,
+        seed=seed,
+    )
+
+
 def critique_revision_chain(
     engine: GenerationEngine,
     prompts: list[Prompt],
@@ -51,14 +65,7 @@ def critique_revision_chain(
     """Run the whole loop for a list of red-team prompts; one record per prompt."""
 
     def request(text: str, max_tokens: int, *key) -> Request:
-        return Request(
-            text,
-            max_new_tokens=int(max_tokens),
-            temperature=float(sl.temperature),
-            top_p=float(sl.top_p),
-            stop=builder.stops,
-            seed=request_seed(seed, *key),
-        )
+        return sl_request(text, max_tokens, builder, sl, request_seed(seed, *key))
 
     initial = engine.generate(
         [request(builder.initial(p.text), sl.max_answer_tokens, p.id, "initial") for p in prompts],
@@ -145,13 +152,12 @@ def helpful_samples(
     """`sl.samples_per_helpful` answers per helpfulness prompt (paper: 2, section 3.1)."""
     n = int(sl.samples_per_helpful)
     requests = [
-        Request(
+        sl_request(
             builder.initial(p.text),
-            max_new_tokens=int(sl.max_answer_tokens),
-            temperature=float(sl.temperature),
-            top_p=float(sl.top_p),
-            stop=builder.stops,
-            seed=request_seed(seed, p.id, "helpful", k),
+            sl.max_answer_tokens,
+            builder,
+            sl,
+            request_seed(seed, p.id, "helpful", k),
         )
         for p in prompts
         for k in range(n)

@@ -58,6 +58,7 @@ class SLPrompts:
         self.critique_enabled = critique  # False: direct revision (paper Figure 7 ablation)
         self.examples = constitution.critique_fewshot[:num_fewshot]
         self.stops = RAW_STOPS if prompt_format == "raw" else CHAT_STOPS
+        self._fewshot_messages = [m for e in self.examples for m in self._chat_example(e)]
         self.prefix = self._fewshot_prefix()
 
     # -- initial answers: the helpful model answers the bare request ---------------------------
@@ -114,8 +115,7 @@ class SLPrompts:
     def _fewshot_prefix(self) -> str:
         if self.format == "raw":
             return "".join(self._raw_example(e) for e in self.examples)
-        messages = [m for e in self.examples for m in self._chat_example(e)]
-        return self._chat(messages, generation_prompt=False)
+        return self._chat(self._fewshot_messages, generation_prompt=False)
 
     def _raw_example(self, example: CritiqueExample) -> str:
         text = raw_conversation(example.conversation)
@@ -166,8 +166,7 @@ class SLPrompts:
 
     def _suffix(self, messages: list[dict]) -> str:
         """Chat text of few-shot turns + `messages`, minus the shared prefix."""
-        fewshot = [m for e in self.examples for m in self._chat_example(e)]
-        full = self._chat(fewshot + messages, generation_prompt=True)
+        full = self._chat(self._fewshot_messages + messages, generation_prompt=True)
         if not full.startswith(self.prefix):
             raise ValueError(
                 "This chat template does not extend a conversation by appending text; "

@@ -132,16 +132,19 @@ class HFEngine(GenerationEngine):
         return self.tokenizer(text, add_special_tokens=with_special).input_ids
 
     def _prefix(self, prefix: str) -> tuple[PrefixCache | None, list[int]]:
+        """The shared prefix's key/value cache (built once), or its token ids without caching."""
         if not prefix:
             return None, []
+        if self.use_prefix_cache and prefix in self._prefixes:
+            return self._prefixes[prefix], []  # encoded once: no need to tokenize it again
         ids = self._encode(prefix, with_special=True)
         if not self.use_prefix_cache:
             return None, ids
-        if prefix not in self._prefixes:
-            self._prefixes.clear()  # one prefix at a time: the stages use one few-shot block
-            tensor = torch.tensor([ids], device=self.device)
-            self._prefixes[prefix] = PrefixCache.build(self.model, tensor)
-            self.stats["prefill_tokens"] += len(ids)
+        self._prefixes.clear()  # one prefix at a time: the stages use one few-shot block
+        self._prefixes[prefix] = PrefixCache.build(
+            self.model, torch.tensor([ids], device=self.device)
+        )
+        self.stats["prefill_tokens"] += len(ids)
         return self._prefixes[prefix], ids
 
     @torch.no_grad()
