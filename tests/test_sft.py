@@ -15,6 +15,7 @@ from cai.modules.sft import (
     bucketed_batches,
     collate,
     encode_example,
+    response_logits,
     response_loss,
 )
 
@@ -64,12 +65,33 @@ def test_response_only_mask_on_a_hand_built_example(tiny):
     assert tokenizer.decode([t for t in raw.labels if t != IGNORE]) == " Hello.<|im_end|>"
 
 
-def test_response_loss_ignores_prompt_positions():
-    logits = torch.zeros(1, 4, 5)
-    logits[0, 1, 3] = 10.0  # position 1 predicts token 3 well
-    labels = torch.tensor([[IGNORE, IGNORE, 3, IGNORE]])
-    expected = torch.nn.functional.cross_entropy(logits[0, 1:2], torch.tensor([3]))
-    assert torch.allclose(response_loss(logits, labels), expected)
+def _full_loss(logits, labels):
+    """Reference: next-token cross-entropy over all positions, IGNORE labels skipped."""
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE
+    )
+
+
+def test_response_logits_keep_only_positions_that_predict_the_response(tiny):
+    model, tokenizer = tiny
+    example = encode_example(tokenizer, "Hi", "Hello there.", "chat", "p")
+    batch = collate([example], tokenizer.pad_token_id)
+    n_prompt = example.labels.count(IGNORE)
+    with torch.no_grad():
+        logits, targets = response_logits(model, batch)
+        full = model(input_ids=batch["input_ids"]).logits
+    assert targets.tolist() == example.input_ids[n_prompt:]  # response tokens only
+    assert logits.shape == (len(targets), model.config.vocab_size)
+    # position t predicts token t + 1: the first kept position is the last prompt token
+    assert torch.allclose(logits, full[0, n_prompt - 1 : -1], atol=1e-5)
+    assert torch.allclose(response_loss(logits, targets), _full_loss(full, batch["labels"]))
+
+
+def test_response_loss_is_the_mean_cross_entropy():
+    logits = torch.zeros(2, 5)
+    logits[0, 3] = 10.0  # predicts token 3 well
+    expected = (torch.logsumexp(logits[0], 0) - 10.0 + torch.log(torch.tensor(5.0))) / 2
+    assert torch.allclose(response_loss(logits, torch.tensor([3, 1])), expected)
 
 
 def test_batches_group_similar_lengths():
@@ -99,7 +121,7 @@ def test_a_few_steps_lower_the_loss_and_change_the_parameters(tiny, tmp_path):
     examples = _examples(tokenizer)
     batch = collate(examples, tokenizer.pad_token_id)
     with torch.no_grad():
-        loss_before = response_loss(
+        loss_before = _full_loss(
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
             batch["labels"],
         )
@@ -115,7 +137,7 @@ def test_a_few_steps_lower_the_loss_and_change_the_parameters(tiny, tmp_path):
     )
     trainer.fit(module, datamodule=data)
     with torch.no_grad():
-        loss_after = response_loss(
+        loss_after = _full_loss(
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
             batch["labels"],
         )
@@ -230,8 +252,7 @@ def test_gradient_clipping_bounds_the_norm(tiny):
         AutoModelForCausalLM.from_config(model.config), 1e-3, 0.0, (0.9, 0.95), 1, clip_norm=0.01
     )
     batch = collate(_examples(tokenizer, 2), tokenizer.pad_token_id)
-    logits, labels = module.response_logits(batch)
-    response_loss(logits, labels).backward()
+    response_loss(*response_logits(module.model, batch)).backward()
     module.on_before_optimizer_step(None)
     norm = torch.sqrt(
         sum((p.grad.float() ** 2).sum() for p in module.model.parameters() if p.grad is not None)
@@ -249,11 +270,9 @@ def test_right_padding_needs_no_attention_mask(tiny):
         ),
     ]
     batch = collate(examples, tokenizer.pad_token_id)
-    module = SFTModule(model, 1e-3, 0.0, (0.9, 0.95), 1)
     with torch.no_grad():
-        logits, labels = module.response_logits(batch)
-        ours = response_loss(logits, labels)
-        masked = response_loss(
+        ours = response_loss(*response_logits(model, batch))
+        masked = _full_loss(
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
             batch["labels"],
         )

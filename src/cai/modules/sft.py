@@ -199,14 +199,28 @@ class SFTDataModule(pl.LightningDataModule):
 # 3. The module
 
 
-def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over response tokens.
+def response_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the response tokens, computed in fp32.
 
-    logits: [B, T, V]; labels: [B, T] with IGNORE on prompt and padding. Position t predicts t+1.
+    logits: [N, V] at the N positions that predict a response token; targets: [N].
     """
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE
-    )
+    return torch.nn.functional.cross_entropy(logits.float(), targets)
+
+
+def response_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits only at the positions that predict a response token, and those tokens.
+
+    batch: input_ids and labels [B, T] (labels IGNORE on prompt and padding). Returns logits
+    [N, V] and targets [N], N = number of response tokens. The decoder runs on every position,
+    the LM head (49k x 576 for SmolLM2, a fifth of the model's FLOPs) only where it counts.
+    """
+    targets = batch["labels"][:, 1:]  # position t predicts token t + 1
+    counted = targets != IGNORE
+    # Padding is on the right, so under the causal mask no real token attends to a pad: no
+    # attention mask is needed, and attention takes the fused causal path.
+    hidden = model.get_decoder()(input_ids=batch["input_ids"]).last_hidden_state  # [B, T, H]
+    logits = model.get_output_embeddings()(hidden[:, :-1][counted])  # [N, V]
+    return logits, targets[counted]
 
 
 class SFTModule(pl.LightningModule):
@@ -218,9 +232,11 @@ class SFTModule(pl.LightningModule):
         betas,
         warmup_steps: int,
         clip_norm: float | None = None,
+        cpu_attention: str | None = "eager",
     ):
         super().__init__()
         self.model = model
+        self.cpu_attention = cpu_attention  # attention kernel for training on a CPU
         self.clip_norm = clip_norm  # clipped here: Lightning refuses to clip with a fused optimizer
         self.lr, self.weight_decay, self.betas, self.warmup_steps = (
             lr,
@@ -230,25 +246,26 @@ class SFTModule(pl.LightningModule):
         )
         self._tokens, self._started = 0, None
 
+    def on_fit_start(self):
+        if self.device.type != "cpu":
+            return
+        from cai.models import keep_freed_memory
+
+        keep_freed_memory()  # no page faults on the step's fresh 100+ MB buffers (models.py)
+        self._attention = self.model.config._attn_implementation
+        if self.cpu_attention:  # eager (bmm) attention trains faster here than SDPA's CPU kernel
+            self.model.set_attn_implementation(self.cpu_attention)
+
+    def on_fit_end(self):
+        if getattr(self, "_attention", None):  # the saved model keeps its own attention setting
+            self.model.set_attn_implementation(self._attention)
+
     def on_train_start(self):
         self.start_step = self.global_step  # > 0 when resumed from a checkpoint
 
-    def response_logits(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits only where they predict a response token (the LM head on prompt positions is
-        wasted work), and the matching labels. Returns [B, k, V] and [B, k]."""
-        labels = batch["labels"]
-        counted = labels != IGNORE
-        first = int(counted.float().argmax(dim=1).min())  # earliest response token in the batch
-        keep = labels.shape[1] - first + 1
-        # Padding is on the right, so under the causal mask no real token attends to a pad: no
-        # attention mask is needed, and attention takes the fused causal path.
-        logits = self.model(input_ids=batch["input_ids"], logits_to_keep=keep).logits
-        return logits, labels[:, -keep:]
-
     def training_step(self, batch, batch_idx):
         # 1. forward over prompt + response; 2. loss on response tokens only
-        logits, labels = self.response_logits(batch)
-        loss = response_loss(logits, labels)
+        loss = response_loss(*response_logits(self.model, batch))
         # 3. log loss and throughput (all tokens processed, padding excluded)
         self._tokens += int(batch["attention_mask"].sum())
         self._started = self._started or time.perf_counter()
@@ -258,10 +275,9 @@ class SFTModule(pl.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        logits, labels = self.response_logits(batch)
         self.log(
             "val/loss",
-            response_loss(logits, labels),
+            response_loss(*response_logits(self.model, batch)),
             prog_bar=True,
             batch_size=batch["input_ids"].shape[0],
         )
@@ -325,6 +341,7 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
         sft.betas,
         int(sft.warmup_steps),
         clip_norm=float(clip) if clip else None,
+        cpu_attention=sft.get("cpu_attention"),
     )
     checkpoints = work_dir / "checkpoints"
     precision = cfg.trainer.precision
