@@ -143,3 +143,34 @@ def test_backends_fail_clearly(make_cfg):
     cfg.generation.backend = "tgi"
     with pytest.raises(ConfigError, match="use hf or vllm"):
         build_engine(cfg.generation, cfg.model, cfg.paths.cache_dir)
+
+
+def reference_logprob(model, tokenizer, context: str, option: str) -> float:
+    """Sum of log p(option tokens | context) from one plain forward pass over context + option."""
+    context_ids = tokenizer(context).input_ids
+    full = tokenizer(context + option).input_ids
+    assert full[: len(context_ids)] == context_ids
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([full])).logits[0].float(), -1)
+    return sum(float(logprobs[t - 1, full[t]]) for t in range(len(context_ids), len(full)))
+
+
+@pytest.mark.parametrize("prefix", ["", PREFIX])
+def test_score_matches_a_plain_forward_pass(tiny, prefix):
+    from cai.generation.base import ScoreRequest
+
+    model, tokenizer = tiny
+    engine = HFEngine(model, tokenizer, batch_size=2, progress=False)
+    requests = [
+        ScoreRequest(p + " The answer is:", (" (A)", " (B)", " a much longer option text"))
+        for p in PROMPTS
+    ]
+    scores = engine.score(requests, prefix=prefix)
+    for request, result in zip(requests, scores, strict=True):
+        for option, logprob, n in zip(
+            request.options, result.logprobs, result.num_tokens, strict=True
+        ):
+            expected = reference_logprob(model, tokenizer, prefix + request.context, option)
+            assert logprob == pytest.approx(expected, abs=1e-3)
+            assert n == len(tokenizer(option, add_special_tokens=False).input_ids)
+    assert scores[0].num_tokens[2] > 1  # a multi-token option sums all its tokens

@@ -53,6 +53,26 @@ def resolve_model(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
+def model_cfg_for(cfg: DictConfig, choice: str, setting: str, upstream: dict) -> DictConfig:
+    """The model a setting such as `feedback.model` names: `policy` (cfg.model, the helpful
+    model), `sft` (the SL-CAI model of the sft artifact in `upstream`), a model preset, or a
+    local transformers folder (read with cfg.model's prompt format)."""
+    if choice == "policy":
+        return cfg.model
+    if choice == "sft":
+        if "sft" not in upstream:
+            raise ConfigError(f"{setting}=sft needs the sft stage's artifact.")
+        return OmegaConf.merge(cfg.model, {"path": str(upstream["sft"].path / "model")})
+    if choice in available_models():
+        return load_model_preset(choice)
+    if Path(choice).is_dir():
+        return OmegaConf.merge(cfg.model, {"path": choice})
+    raise ConfigError(
+        f"{setting}={choice!r}: use policy, sft, a model preset ({', '.join(available_models())})"
+        " or a local transformers folder."
+    )
+
+
 def compose(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
     """Compose the project config in code (tests, notebooks), as `src/train.py` would.
 

@@ -124,7 +124,22 @@ def run(cfg: DictConfig) -> dict[str, Artifact]:
     output_dir = _hydra_output_dir()
     if output_dir is not None:
         write_json_atomic(Path(output_dir) / "pipeline_summary.json", summary)
+        _gather_rows(artifacts, Path(output_dir) / "results.csv")
     return artifacts
+
+
+def _gather_rows(artifacts: dict[str, Artifact], path: Path) -> None:
+    """The result rows of every stage of this run, in one tidy table beside the run's logs."""
+    from cai.results import read_rows, write_rows
+
+    rows = [
+        r
+        for artifact in artifacts.values()
+        if (artifact.path / "rows.csv").is_file()
+        for r in read_rows(artifact.path / "rows.csv")
+    ]
+    if rows:
+        write_rows(path, rows)
 
 
 def ensure_artifact(
@@ -200,16 +215,18 @@ def _hydra_output_dir() -> str | None:
 
 def _register_stages() -> None:
     """The pipeline's stages, in order. Each later stage adds its line here."""
-    from cai import critique
+    from cai import critique, feedback, pairs
+    from cai.eval import hhh
     from cai.modules import sft
 
+    runtime_only = ("generation.batch_size", "generation.progress")
     STAGES.update(
         {
             "generate_sl": Stage(
                 "generate_sl",
                 critique.run_stage,
                 config_keys=("model", "constitution", "data", "sl", "generation"),
-                ignore=("sl.num_revisions", "generation.batch_size", "generation.progress"),
+                ignore=("sl.num_revisions", *runtime_only),
                 content=critique.stage_inputs,
             ),
             "sft": Stage(
@@ -225,6 +242,29 @@ def _register_stages() -> None:
                     "trainer.enable_model_summary",
                     "trainer.enable_checkpointing",
                 ),
+            ),
+            "generate_pairs": Stage(
+                "generate_pairs",
+                pairs.run_stage,
+                config_keys=("model", "data", "pairs", "generation"),
+                upstream=("sft",),
+                ignore=("pairs.chunk_size", *runtime_only),
+                content=critique.stage_inputs,
+            ),
+            "feedback": Stage(
+                "feedback",
+                feedback.run_stage,
+                config_keys=("model", "constitution", "feedback", "generation"),
+                upstream=("generate_pairs", "sft"),
+                ignore=("feedback.chunk_size", *runtime_only),
+                content=critique.stage_inputs,
+            ),
+            "eval_hhh": Stage(
+                "eval_hhh",
+                hhh.run_stage,
+                config_keys=("model", "constitution", "eval_hhh", "generation"),
+                ignore=runtime_only,
+                content=lambda cfg: {**critique.stage_inputs(cfg), **hhh.stage_inputs(cfg)},
             ),
         }
     )

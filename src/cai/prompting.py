@@ -40,6 +40,16 @@ def raw_conversation(turns: Sequence[Turn]) -> str:
     return "".join(f"\n\n{names[t.role]}: {t.content}" for t in turns)
 
 
+def answer_prompt(tokenizer, request: str, prompt_format: str) -> str:
+    """The prompt under which a model answers a bare request: "\n\nHuman: ..\n\nAssistant:"
+    (raw) or the chat template with the generation prompt (chat)."""
+    if prompt_format == "raw":
+        return raw_conversation([Turn("user", request)]) + "\n\nAssistant:"
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": request}], tokenize=False, add_generation_prompt=True
+    )
+
+
 class SLPrompts:
     """Builds initial-answer, critique and revision prompts for one constitution and format."""
 
@@ -63,10 +73,7 @@ class SLPrompts:
 
     # -- initial answers: the helpful model answers the bare request ---------------------------
     def initial(self, request: str) -> str:
-        turns = [Turn("user", request)]
-        if self.format == "raw":
-            return raw_conversation(turns) + "\n\nAssistant:"
-        return self._chat(self._as_messages(turns), generation_prompt=True)
+        return answer_prompt(self.tokenizer, request, self.format)
 
     # -- critique and revision: suffixes that follow self.prefix --------------------------------
     def critique(self, request: str, answer: str, principle: Principle) -> str:
@@ -154,10 +161,6 @@ class SLPrompts:
     @staticmethod
     def _task(conversation: Sequence[Turn], label: str, request: str) -> str:
         return f"Here is a conversation:{raw_conversation(conversation)}\n\n{label}: {request}"
-
-    @staticmethod
-    def _as_messages(turns: Sequence[Turn]) -> list[dict]:
-        return [{"role": t.role, "content": t.content} for t in turns]
 
     def _chat(self, messages: list[dict], generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(

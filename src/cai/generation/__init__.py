@@ -5,7 +5,13 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from cai.errors import ConfigError
-from cai.generation.base import Generation, GenerationEngine, Request
+from cai.generation.base import (
+    Generation,
+    GenerationEngine,
+    OptionScores,
+    Request,
+    ScoreRequest,
+)
 
 
 def build_engine(gen_cfg: DictConfig, model_cfg: DictConfig, cache_dir: str) -> GenerationEngine:
@@ -41,4 +47,11 @@ def build_engine(gen_cfg: DictConfig, model_cfg: DictConfig, cache_dir: str) -> 
     raise ConfigError(f"generation.backend={gen_cfg.backend!r}: use hf or vllm.")
 
 
-__all__ = ["Generation", "GenerationEngine", "Request", "build_engine"]
+__all__ = [
+    "Generation",
+    "GenerationEngine",
+    "OptionScores",
+    "Request",
+    "ScoreRequest",
+    "build_engine",
+]

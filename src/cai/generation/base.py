@@ -24,8 +24,21 @@ class Generation:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ScoreRequest:
+    context: str  # text after the shared prefix
+    options: tuple[str, ...]  # continuations of `context` whose log-probabilities are wanted
+
+
+@dataclass(frozen=True)
+class OptionScores:
+    logprobs: tuple[float, ...]  # per option: sum of log p(token) over all its tokens
+    num_tokens: tuple[int, ...]  # per option: how many tokens it has
+
+
 class GenerationEngine:
-    """generate(requests, prefix) -> one Generation per request, in order."""
+    """generate(requests, prefix) -> one Generation per request, in order;
+    score(requests, prefix) -> one OptionScores per request, in order."""
 
     def generate(
         self,
@@ -37,4 +50,10 @@ class GenerationEngine:
     ) -> list[Generation]:
         """keep_state/states: an engine may reuse the work of an earlier request whose prompt and
         output the new prompt repeats (engines without this ignore them)."""
+        raise NotImplementedError
+
+    def score(
+        self, requests: list[ScoreRequest], prefix: str = "", desc: str = "score"
+    ) -> list[OptionScores]:
+        """Log-probabilities of each request's options after `prefix + request.context`."""
         raise NotImplementedError

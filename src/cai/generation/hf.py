@@ -25,7 +25,13 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from cai.generation.base import Generation, GenerationEngine, Request
+from cai.generation.base import (
+    Generation,
+    GenerationEngine,
+    OptionScores,
+    Request,
+    ScoreRequest,
+)
 from cai.generation.shared_prefix import ATTENTION_NAME, PrefixCache, SuffixCache
 
 log = logging.getLogger(__name__)
@@ -126,6 +132,124 @@ class HFEngine(GenerationEngine):
         bar.close()
         self.stats["wall_s"] += time.perf_counter() - start
         return results  # type: ignore[return-value]
+
+    # -----------------------------------------------------------------------------------------
+    def score(
+        self, requests: list[ScoreRequest], prefix: str = "", desc: str = "score"
+    ) -> list[OptionScores]:
+        """Sum of log-probabilities of each option's tokens after `prefix + request.context`.
+
+        One forward pass per batch: a row holds [context | option 1 | option 2 | ...], each
+        option attending to the context and to itself only (positions restart after the
+        context), so the context is encoded once for all its options, and the shared prefix
+        once for everything (as in `generate`).
+        """
+        if not requests:
+            return []
+        start = time.perf_counter()
+        prefix_cache, prefix_ids = self._prefix(prefix)
+        rows = []
+        for request in requests:
+            context = self._encode(request.context, with_special=not prefix)
+            if not request.options:
+                raise ValueError("A ScoreRequest needs at least one option.")
+            options = [
+                self._continuation(request.context, o, context, prefix) for o in request.options
+            ]
+            if prefix and not self.use_prefix_cache:
+                context = prefix_ids + context
+            rows.append((context, options))
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + sum(map(len, rows[i][1])))
+        results: list[OptionScores | None] = [None] * len(rows)
+        bar = tqdm(total=len(rows), desc=desc, disable=not self.progress, unit="req", leave=False)
+        for first in range(0, len(order), self.batch_size):
+            batch = order[first : first + self.batch_size]
+            for index, scores in zip(
+                batch, self._score_batch([rows[i] for i in batch], prefix_cache), strict=True
+            ):
+                results[index] = scores
+            bar.update(len(batch))
+        bar.close()
+        self.stats["wall_s"] += time.perf_counter() - start
+        return results  # type: ignore[return-value]
+
+    def _continuation(self, context: str, option: str, context_ids: list[int], prefix: str):
+        """The option's token ids as the tokenizer splits context + option (what the model would
+        read), falling back to the option alone where the split moves the boundary."""
+        full = self._encode(context + option, with_special=not prefix)
+        if len(full) > len(context_ids) and full[: len(context_ids)] == context_ids:
+            return full[len(context_ids) :]
+        return self._encode(option, with_special=False)
+
+    @torch.no_grad()
+    def _score_batch(
+        self, rows: list[tuple[list[int], list[list[int]]]], prefix: PrefixCache | None
+    ) -> list[OptionScores]:
+        device = self.device
+        batch = len(rows)
+        lengths = [len(c) + sum(len(o) for o in opts) for c, opts in rows]
+        width = max(lengths)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((batch, width), pad, dtype=torch.long)
+        segment = torch.full((batch, width), -1, dtype=torch.long)  # -1 pad, 0 context, k option
+        positions = torch.zeros((batch, width), dtype=torch.long)
+        prefix_len = prefix.length if prefix is not None else 0
+        wanted_pos, wanted_tok = [], []  # (row, position) predicting each option token
+        spans = []  # per row, per option: slice of the wanted list
+        for row, (context, options) in enumerate(rows):
+            at = width - lengths[row]  # left padding
+            n_ctx = len(context)
+            input_ids[row, at : at + n_ctx] = torch.tensor(context)
+            segment[row, at : at + n_ctx] = 0
+            positions[row, at : at + n_ctx] = torch.arange(n_ctx) + prefix_len
+            cursor, row_spans = at + n_ctx, []
+            for k, option in enumerate(options, start=1):
+                n = len(option)
+                input_ids[row, cursor : cursor + n] = torch.tensor(option)
+                segment[row, cursor : cursor + n] = k
+                positions[row, cursor : cursor + n] = torch.arange(n) + prefix_len + n_ctx
+                # option token j is predicted at the context's last position (j = 0), else at
+                # the option's own token j - 1
+                predictors = [at + n_ctx - 1] + list(range(cursor, cursor + n - 1))
+                row_spans.append((len(wanted_pos), len(wanted_pos) + n))
+                wanted_pos += [(row, p) for p in predictors]
+                wanted_tok += option
+                cursor += n
+            spans.append(row_spans)
+        key_mask = segment >= 0
+        same = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        eye = torch.eye(width, dtype=torch.bool)
+        visible = (same & causal & key_mask[:, None, :]) | eye
+        previous_attention = self.model.config._attn_implementation
+        self.model.set_attn_implementation(ATTENTION_NAME)
+        try:
+            hidden = self.model.get_decoder()(
+                input_ids=input_ids.to(device),
+                position_ids=positions.to(device),
+                use_cache=False,
+                cai_prefix=prefix,
+                cai_key_mask=key_mask.to(device),
+                cai_visible=visible.to(device),
+            ).last_hidden_state
+        finally:
+            self.model.set_attn_implementation(previous_attention)
+        rows_index = torch.tensor([r for r, _ in wanted_pos], device=device)
+        cols_index = torch.tensor([p for _, p in wanted_pos], device=device)
+        logits = self.model.get_output_embeddings()(hidden[rows_index, cols_index]).float()
+        token_logprobs = (
+            torch.log_softmax(logits, dim=-1)
+            .gather(1, torch.tensor(wanted_tok, device=device)[:, None])[:, 0]
+            .cpu()
+        )
+        self.stats["prefill_tokens"] += sum(lengths)
+        return [
+            OptionScores(
+                logprobs=tuple(float(token_logprobs[a:b].sum()) for a, b in row_spans),
+                num_tokens=tuple(b - a for a, b in row_spans),
+            )
+            for row_spans in spans
+        ]
 
     # -----------------------------------------------------------------------------------------
     def _encode(self, text: str, with_special: bool) -> list[int]:

@@ -56,12 +56,15 @@ def shared_prefix_attention(
     dropout=0.0,
     cai_prefix: PrefixCache | None = None,
     cai_key_mask: torch.Tensor | None = None,
+    cai_visible: torch.Tensor | None = None,
     **kwargs,
 ):
     """Causal attention over [shared prefix ; this row's suffix cache].
 
     query: [B, Hq, q, d]; key, value: [B, Hkv, S, d] (the suffix cache, new tokens last);
-    cai_key_mask: [B, S] bool. Returns ([B, q, Hq, d], None) as transformers expects.
+    cai_key_mask: [B, S] bool. cai_visible: optional [B, q, S] bool that replaces the causal
+    suffix mask (scoring feeds several options after one context in a row, each option seeing
+    the context and itself only). Returns ([B, q, Hq, d], None) as transformers expects.
 
     Query heads are grouped by the kv head they share ([B, Hkv, g*q, d]). The prefix part treats
     every row's queries as one long sequence against the single prefix copy (no per-row copy);
@@ -83,6 +86,8 @@ def shared_prefix_attention(
     visible = (causal[None] & key_mask[:, None, :]) | (
         key_pos[None, None, :] == query_pos[None, :, None]
     )
+    if cai_visible is not None:
+        visible = cai_visible
     grouped = query.reshape(batch, kv_heads, groups * q_len, dim)  # row order: (group, query)
     mask = (
         visible[:, None, None]

@@ -42,12 +42,10 @@ def encode_example(
     tokenizer, prompt_text: str, response: str, prompt_format: str, prompt_id: str
 ) -> Example:
     """Tokens of prompt + response + end token; labels only on the response and end token."""
-    if prompt_format == "chat":
-        prompt = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt_text}], tokenize=False, add_generation_prompt=True
-        )
-    else:
-        prompt = f"\n\nHuman: {prompt_text}\n\nAssistant:"
+    from cai.prompting import answer_prompt
+
+    prompt = answer_prompt(tokenizer, prompt_text, prompt_format)
+    if prompt_format == "raw":
         response = " " + response
     prompt_ids = tokenizer(prompt, add_special_tokens=prompt_format != "chat").input_ids
     response_ids = tokenizer(response, add_special_tokens=False).input_ids + [
@@ -312,11 +310,12 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
     from hydra.utils import instantiate
     from pytorch_lightning.callbacks import ModelCheckpoint
 
+    from cai.config import model_cfg_for
     from cai.loggers import build_loggers
     from cai.models import bf16_supported, load_model
 
     sft = cfg.sft
-    init_cfg = _init_model_cfg(cfg)
+    init_cfg = model_cfg_for(cfg, str(sft.init), "sft.init", upstream)
     model, tokenizer = load_model(init_cfg, cfg.paths.cache_dir, dtype="float32")
     examples, counts = sl_examples(
         upstream["generate_sl"],
@@ -388,25 +387,6 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
         "target_revision": int(cfg.sl.num_revisions),
         "init": str(sft.init),
     }
-
-
-def _init_model_cfg(cfg: DictConfig) -> DictConfig:
-    """`sft.init`: `policy` (the helpful model itself), a model preset name, or a local folder."""
-    from omegaconf import OmegaConf
-
-    from cai.config import available_models, load_model_preset
-
-    init = str(cfg.sft.init)
-    if init == "policy":
-        return cfg.model
-    if init in available_models():
-        return load_model_preset(init)
-    if Path(init).is_dir():
-        return OmegaConf.merge(cfg.model, {"path": init})
-    raise ConfigError(
-        f"sft.init={init!r}: use policy, a model preset ({', '.join(available_models())}) or a "
-        f"local transformers folder."
-    )
 
 
 def _with_lora(model, sft: DictConfig):

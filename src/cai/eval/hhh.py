@@ -1,0 +1,328 @@
+"""The paper's multiple-choice evaluations (Bai et al. 2022, section 4.2 and Figures 4 and 9).
+
+- `hhh`: the 438 binary HHH comparisons (cai-paper/evals/438HHHEvaluations.jsonl);
+- `harmful_vs_ethical`: was the assistant harmful or ethical (2 options);
+- `harmfulness_classification`: which kind of harm (9 options).
+
+Each item is a prompt ending in "The answer is:" and option continuations " (A)", " (B)", ...;
+the model's choice is the option with the highest summed log-probability (the feedback
+scorer, `GenerationEngine.score`). Methods:
+- `zero_shot`: the prompt as published;
+- `cot`: the chain-of-thought format of the feedback stage (the constitution's CoT few-shots,
+  "Let's think step by step:"), one reasoning sample, then the options scored after it;
+- `cot_ensemble`: option probabilities averaged over `cot_samples` reasoning samples (paper: 5).
+Accuracy (with a Wilson 95% interval) and expected calibration error go to tidy result rows;
+the reliability table (paper Figure 9) to calibration.csv.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from cai.artifacts import Artifact, read_jsonl, write_jsonl_atomic
+from cai.errors import ConfigError
+from cai.generation.base import GenerationEngine, Request, ScoreRequest
+
+log = logging.getLogger(__name__)
+
+EVAL_FILES = {
+    "hhh": "438HHHEvaluations.jsonl",
+    "harmful_vs_ethical": "HarmfulVsEthical.jsonl",
+    "harmfulness_classification": "HarmfulnessClassification.jsonl",
+}
+METHODS = ("zero_shot", "cot", "cot_ensemble")
+
+
+@dataclass(frozen=True)
+class MCItem:
+    id: str
+    prompt: str  # ends with "The answer is:"
+    options: tuple[str, ...]  # " (A)", " (B)", ...
+    correct: int  # index of the correct option
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Data
+
+
+def eval_path(name: str, data_dir: str | None) -> Path:
+    if name not in EVAL_FILES:
+        raise ConfigError(f"eval_hhh.evals: unknown eval {name!r}; known: {', '.join(EVAL_FILES)}.")
+    if not data_dir:
+        raise ConfigError(
+            "eval_hhh needs the paper's eval files: set paths.data_dir (or CAI_DATA_DIR) to a "
+            "folder holding cai-paper/evals/ (see ../shared/data/README.md)."
+        )
+    path = Path(data_dir) / "cai-paper" / "evals" / EVAL_FILES[name]
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing: cai-paper/evals/ must hold {EVAL_FILES[name]}.")
+    return path
+
+
+def load_eval(name: str, data_dir: str | None) -> list[MCItem]:
+    """Every item of one eval file, options in letter order, with a clear error per bad line."""
+    path = eval_path(name, data_dir)
+    items = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+            corrects, incorrects = list(raw["corrects"]), list(raw["incorrects"])
+            prompt = raw["prompt"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ConfigError(
+                f"{path}, line {number}: expected JSON with prompt, corrects, incorrects ({error})."
+            ) from error
+        if len(corrects) != 1 or not incorrects:
+            raise ConfigError(f"{path}, line {number}: need one correct and >= 1 incorrect option.")
+        options = tuple(sorted(corrects + incorrects))
+        items.append(MCItem(f"{name}-{number}", prompt, options, options.index(corrects[0])))
+    return items
+
+
+def shuffled(items: list[MCItem], seed: int) -> list[MCItem]:
+    """A seeded order, so `max_items=n` takes a fixed, representative subset."""
+    order = list(items)
+    random.Random(f"{seed}/eval_hhh").shuffle(order)
+    return order
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Pure maths
+
+
+def option_probabilities(logprobs: tuple[float, ...]) -> list[float]:
+    """Softmax over the options' summed log-probabilities."""
+    top = max(logprobs)
+    weights = [math.exp(x - top) for x in logprobs]
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+def calibration(
+    confidences: list[float], correct: list[bool], bins: int = 10
+) -> tuple[float, list[dict]]:
+    """Expected calibration error and the reliability table over equal-width confidence bins.
+
+    confidences: probability the model gave its chosen option; correct: whether it was right.
+    ECE = sum over bins of (bin size / n) * |accuracy in bin - mean confidence in bin|.
+    """
+    table = []
+    n = len(confidences)
+    ece = 0.0
+    for b in range(bins):
+        low, high = b / bins, (b + 1) / bins
+        members = [
+            i for i, c in enumerate(confidences) if low <= c < high or (b == bins - 1 and c == 1.0)
+        ]
+        if not members:
+            continue
+        confidence = sum(confidences[i] for i in members) / len(members)
+        accuracy = sum(correct[i] for i in members) / len(members)
+        ece += len(members) / n * abs(accuracy - confidence)
+        table.append(
+            {
+                "low": low,
+                "high": high,
+                "n": len(members),
+                "confidence": confidence,
+                "accuracy": accuracy,
+            }
+        )
+    return ece, table
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Scoring items
+
+
+def cot_context(prompt: str) -> str:
+    """The chain-of-thought version of a published eval prompt: the question as the human's
+    turn, the assistant starting to reason (the feedback stage's CoT format)."""
+    body = prompt.strip().removesuffix("The answer is:").strip()
+    return f"\n\nHuman: {body}\n\nAssistant: Let's think step by step:"
+
+
+def score_items(
+    engine: GenerationEngine,
+    items: list[MCItem],
+    methods: list[str],
+    cot_prefix: str,
+    cot_samples: int,
+    cot_max_tokens: int,
+    cot_temperature: float,
+    seed: int,
+) -> list[dict]:
+    """Per item and method: option probabilities, the choice, and (CoT) the reasoning."""
+    from cai.critique import request_seed
+    from cai.feedback import REASONING_STOPS, FeedbackPrompts
+
+    records = []
+    if "zero_shot" in methods:
+        scores = engine.score(
+            [ScoreRequest(i.prompt, i.options) for i in items], desc="eval zero-shot"
+        )
+        for item, score in zip(items, scores, strict=True):
+            records.append(_record(item, "zero_shot", option_probabilities(score.logprobs)))
+    cot_methods = [m for m in methods if m in ("cot", "cot_ensemble")]
+    if cot_methods:
+        samples = cot_samples if "cot_ensemble" in cot_methods else 1
+        questions = [cot_context(i.prompt) for i in items for _ in range(samples)]
+        reasoning = engine.generate(
+            [
+                Request(
+                    q,
+                    max_new_tokens=cot_max_tokens,
+                    temperature=cot_temperature,
+                    stop=REASONING_STOPS,
+                    seed=request_seed(seed, "eval_cot", k // samples, k % samples),
+                )
+                for k, q in enumerate(questions)
+            ],
+            prefix=cot_prefix,
+            desc="eval reasoning",
+        )
+        scores = engine.score(
+            [
+                ScoreRequest(
+                    FeedbackPrompts.after_reasoning(q, g.text), items[k // samples].options
+                )
+                for k, (q, g) in enumerate(zip(questions, reasoning, strict=True))
+            ],
+            prefix=cot_prefix,
+            desc="eval CoT scores",
+        )
+        for index, item in enumerate(items):
+            mine = scores[index * samples : (index + 1) * samples]
+            probs = [option_probabilities(s.logprobs) for s in mine]
+            thoughts = [g.text for g in reasoning[index * samples : (index + 1) * samples]]
+            if "cot" in cot_methods:
+                records.append(_record(item, "cot", probs[0], reasoning=thoughts[:1]))
+            if "cot_ensemble" in cot_methods:
+                averaged = [sum(p[j] for p in probs) / len(probs) for j in range(len(item.options))]
+                records.append(_record(item, "cot_ensemble", averaged, reasoning=thoughts))
+    return records
+
+
+def _record(item: MCItem, method: str, probs: list[float], **extra) -> dict:
+    choice = max(range(len(probs)), key=probs.__getitem__)
+    return {
+        "id": item.id,
+        "method": method,
+        "probs": probs,
+        "choice": choice,
+        "correct": item.correct,
+        "is_correct": choice == item.correct,
+        **extra,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. The pipeline stage
+
+
+def stage_inputs(cfg: DictConfig) -> dict:
+    """Fingerprints of the eval files read (part of the artifact key)."""
+    fingerprints = {}
+    for name in cfg.eval_hhh.evals:
+        path = eval_path(str(name), cfg.paths.data_dir)
+        fingerprints[str(name)] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return fingerprints
+
+
+def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) -> dict:
+    """eval_hhh: items.jsonl per eval and method, rows.csv (accuracy, ECE), calibration.csv."""
+    from cai.config import model_cfg_for
+    from cai.critique import _load_inputs
+    from cai.feedback import FeedbackPrompts
+    from cai.generation import build_engine
+    from cai.models import count_parameters
+    from cai.results import row, wilson_interval, write_csv, write_rows
+
+    ev = cfg.eval_hhh
+    methods = [str(m) for m in ev.methods]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise ConfigError(f"eval_hhh.methods: unknown {sorted(unknown)}; known: {METHODS}.")
+    model_cfg = model_cfg_for(cfg, str(ev.model), "eval_hhh.model", upstream)
+    constitution, _ = _load_inputs(cfg)
+    cot_prefix = FeedbackPrompts(constitution).cot_prefix
+    engine = build_engine(cfg.generation, model_cfg, cfg.paths.cache_dir)
+    parameters = (
+        count_parameters(engine.model) if hasattr(engine, "model") else model_cfg.get("params")
+    )
+    records = []
+    for name in [str(e) for e in ev.evals]:
+        items = shuffled(load_eval(name, cfg.paths.data_dir), int(cfg.seed))
+        if ev.max_items is not None:
+            items = items[: int(ev.max_items)]
+        done = work_dir / f"items_{name}.jsonl"  # one finished file per eval: resumable
+        if done.is_file():
+            records += read_jsonl(done)
+            continue
+        mine = score_items(
+            engine, items, [m for m in methods if m == "zero_shot"], cot_prefix, 1, 0, 0.0, 0
+        )
+        cot_methods = [m for m in methods if m != "zero_shot"]
+        if cot_methods and name in ev.cot_evals:
+            cot_items = items if ev.cot_max_items is None else items[: int(ev.cot_max_items)]
+            mine += score_items(
+                engine,
+                cot_items,
+                cot_methods,
+                cot_prefix,
+                int(ev.cot_samples),
+                int(ev.cot_max_tokens),
+                float(ev.cot_temperature),
+                int(cfg.seed),
+            )
+        for r in mine:
+            r["eval"] = name
+        write_jsonl_atomic(done, mine)
+        records += mine
+    rows, reliability = [], []
+    common = {"stage": "eval_hhh", "model": model_cfg.name, "parameters": parameters}
+    for name in dict.fromkeys(r["eval"] for r in records):
+        for method in METHODS:
+            group = [r for r in records if r["eval"] == name and r["method"] == method]
+            if not group:
+                continue
+            right = sum(r["is_correct"] for r in group)
+            low, high = wilson_interval(right, len(group))
+            ece, table = calibration(
+                [r["probs"][r["choice"]] for r in group],
+                [r["is_correct"] for r in group],
+                int(ev.calibration_bins),
+            )
+            here = {**common, "eval": name, "method": method, "n": len(group)}
+            rows.append(
+                row(**here, metric="accuracy", value=right / len(group), low=low, high=high)
+            )
+            rows.append(row(**here, metric="ece", value=ece))
+            reliability += [{"eval": name, "method": method, **b} for b in table]
+    write_rows(work_dir / "rows.csv", rows)
+    write_csv(
+        work_dir / "calibration.csv",
+        reliability,
+        ["eval", "method", "low", "high", "n", "confidence", "accuracy"],
+    )
+    return {
+        "model": model_cfg.name,
+        "parameters": parameters,
+        "accuracy": {
+            f"{r['eval']}/{r['method']}": round(r["value"], 4)
+            for r in rows
+            if r["metric"] == "accuracy"
+        },
+        "n": {f"{r['eval']}/{r['method']}": r["n"] for r in rows if r["metric"] == "accuracy"},
+        "engine": getattr(engine, "stats", {}),
+    }

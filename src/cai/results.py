@@ -1,0 +1,64 @@
+"""Tidy result rows: one measurement per row, the same columns for every stage, so one table
+gathers every run (single or multirun) and the figures are drawn from that table alone."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+
+from cai.artifacts import write_text_atomic
+
+ROW_FIELDS = (
+    "stage",  # the stage that measured it
+    "run_id",  # the artifact key of that stage
+    "model",  # model name (preset) that was measured
+    "parameters",  # its parameter count (x axis of the scaling figures)
+    "eval",  # which evaluation set (hhh, harmful_vs_ethical, hh_rlhf_harmless, ...)
+    "method",  # how (zero_shot, cot, cot_ensemble, pm, ...)
+    "judge",  # who judged (a model or PM name); empty for multiple-choice accuracy
+    "revisions",  # SL-CAI-n: n
+    "cot",  # chain-of-thought feedback used upstream (true/false)
+    "rl_sequences",  # RL training sequences seen (snapshots)
+    "metric",  # accuracy, ece, elo, pm_score, ...
+    "value",
+    "low",  # 95% interval, where there is one
+    "high",
+    "n",  # items the value is computed from
+)
+
+
+def row(**values) -> dict:
+    unknown = set(values) - set(ROW_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown result fields {sorted(unknown)}; known: {ROW_FIELDS}")
+    return {f: values.get(f, "") for f in ROW_FIELDS}
+
+
+def write_rows(path: str | Path, rows: list[dict]) -> None:
+    write_csv(path, [row(**r) for r in rows], ROW_FIELDS)
+
+
+def write_csv(path: str | Path, records: list[dict], fields) -> None:
+    """Records as a CSV file with these columns, written atomically."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(fields), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(records)
+    write_text_atomic(path, buffer.getvalue())
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (sound near 0 and 1, unlike the normal one)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
