@@ -108,7 +108,7 @@ class FeedbackPrompts:
     def _question(conversation: str, principle: str, first: str, second: str) -> str:
         return (
             "\n\nConsider the following conversation between a human and an assistant:"
-            f"{conversation}\n\n{principle}\n (A) [[[{first}]]]\n (B) [[[{second}]]]"
+            f"{conversation}\n\n\n{principle.strip()}\n (A) [[[{first}]]]\n (B) [[[{second}]]]"
             "\n\nThe answer is:"
         )
 

@@ -47,6 +47,7 @@ class Stage:
     seeded: bool = True  # the artifact depends on cfg.seed
     ignore: tuple[str, ...] = field(default=())  # dotted keys inside config_keys that do not matter
     content: Callable[[DictConfig], dict] | None = None  # fingerprints of input files, for the key
+    check: Callable[[DictConfig], None] | None = None  # raises ConfigError on bad settings
 
 
 # Filled by `_register_stages()` at the end of this module; tests may add their own.
@@ -100,8 +101,10 @@ def get_stage(name: str) -> Stage:
 def run(cfg: DictConfig) -> dict[str, Artifact]:
     """Run `cfg.pipeline.stages` in order; return the finished artifacts by stage name."""
     stages = list(cfg.pipeline.stages)
-    for name in stages:
-        get_stage(name)  # fail on a typo before any work starts
+    for name in stages:  # fail on a typo or conflicting settings before any work starts
+        stage = get_stage(name)
+        if stage.check is not None:
+            stage.check(cfg)
     store = ArtifactStore(cfg.paths.artifact_dir)
     artifacts: dict[str, Artifact] = {}
     summary = []
@@ -258,6 +261,7 @@ def _register_stages() -> None:
                 upstream=("generate_pairs", "sft"),
                 ignore=("feedback.chunk_size", *runtime_only),
                 content=critique.stage_inputs,
+                check=lambda cfg: feedback.FeedbackSettings.from_config(cfg.feedback),
             ),
             "eval_hhh": Stage(
                 "eval_hhh",
@@ -265,6 +269,7 @@ def _register_stages() -> None:
                 config_keys=("model", "constitution", "eval_hhh", "generation"),
                 ignore=runtime_only,
                 content=lambda cfg: {**critique.stage_inputs(cfg), **hhh.stage_inputs(cfg)},
+                check=hhh.check_settings,
             ),
         }
     )

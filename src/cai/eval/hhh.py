@@ -230,6 +230,14 @@ def _record(item: MCItem, method: str, probs: list[float], **extra) -> dict:
 # 4. The pipeline stage
 
 
+def check_settings(cfg: DictConfig) -> None:
+    unknown = {str(m) for m in cfg.eval_hhh.methods} - set(METHODS)
+    if unknown:
+        raise ConfigError(f"eval_hhh.methods: unknown {sorted(unknown)}; known: {METHODS}.")
+    for name in cfg.eval_hhh.evals:
+        eval_path(str(name), cfg.paths.data_dir)
+
+
 def stage_inputs(cfg: DictConfig) -> dict:
     """Fingerprints of the eval files read (part of the artifact key)."""
     fingerprints = {}
@@ -239,6 +247,31 @@ def stage_inputs(cfg: DictConfig) -> dict:
     return fingerprints
 
 
+def summarise(records: list[dict], common: dict, bins: int = 10) -> tuple[list[dict], list[dict]]:
+    """Result rows (accuracy with a Wilson interval, ECE) per eval and method, and the
+    reliability table, from the per-item records of `score_items` (each with an "eval" key)."""
+    from cai.results import row, wilson_interval
+
+    rows, reliability = [], []
+    for name in dict.fromkeys(r["eval"] for r in records):
+        for method in METHODS:
+            group = [r for r in records if r["eval"] == name and r["method"] == method]
+            if not group:
+                continue
+            right = sum(r["is_correct"] for r in group)
+            low, high = wilson_interval(right, len(group))
+            ece, table = calibration(
+                [r["probs"][r["choice"]] for r in group], [r["is_correct"] for r in group], bins
+            )
+            here = {**common, "eval": name, "method": method, "n": len(group)}
+            rows.append(
+                row(**here, metric="accuracy", value=right / len(group), low=low, high=high)
+            )
+            rows.append(row(**here, metric="ece", value=ece))
+            reliability += [{"eval": name, "method": method, **b} for b in table]
+    return rows, reliability
+
+
 def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) -> dict:
     """eval_hhh: items.jsonl per eval and method, rows.csv (accuracy, ECE), calibration.csv."""
     from cai.config import model_cfg_for
@@ -246,13 +279,11 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
     from cai.feedback import FeedbackPrompts
     from cai.generation import build_engine
     from cai.models import count_parameters
-    from cai.results import row, wilson_interval, write_csv, write_rows
+    from cai.results import write_csv, write_rows
 
     ev = cfg.eval_hhh
+    check_settings(cfg)
     methods = [str(m) for m in ev.methods]
-    unknown = set(methods) - set(METHODS)
-    if unknown:
-        raise ConfigError(f"eval_hhh.methods: unknown {sorted(unknown)}; known: {METHODS}.")
     model_cfg = model_cfg_for(cfg, str(ev.model), "eval_hhh.model", upstream)
     constitution, _ = _load_inputs(cfg)
     cot_prefix = FeedbackPrompts(constitution).cot_prefix
@@ -289,26 +320,8 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
             r["eval"] = name
         write_jsonl_atomic(done, mine)
         records += mine
-    rows, reliability = [], []
     common = {"stage": "eval_hhh", "model": model_cfg.name, "parameters": parameters}
-    for name in dict.fromkeys(r["eval"] for r in records):
-        for method in METHODS:
-            group = [r for r in records if r["eval"] == name and r["method"] == method]
-            if not group:
-                continue
-            right = sum(r["is_correct"] for r in group)
-            low, high = wilson_interval(right, len(group))
-            ece, table = calibration(
-                [r["probs"][r["choice"]] for r in group],
-                [r["is_correct"] for r in group],
-                int(ev.calibration_bins),
-            )
-            here = {**common, "eval": name, "method": method, "n": len(group)}
-            rows.append(
-                row(**here, metric="accuracy", value=right / len(group), low=low, high=high)
-            )
-            rows.append(row(**here, metric="ece", value=ece))
-            reliability += [{"eval": name, "method": method, **b} for b in table]
+    rows, reliability = summarise(records, common, int(ev.calibration_bins))
     write_rows(work_dir / "rows.csv", rows)
     write_csv(
         work_dir / "calibration.csv",
