@@ -18,15 +18,17 @@ def test_main_command_on_the_embedded_model(tmp_path: Path):
         "sl.max_critique_tokens=8",
         "sl.max_revision_tokens=8",
         "generation.progress=false",
+        "pairs.max_new_tokens=8",
     ]
     done = run_train(args, tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     log = next((tmp_path / "outputs" / "runs").glob("*/*/train.log")).read_text()
-    assert "Model smollm2_135m (gguf_wheel), stages: ['generate_sl', 'sft']" in log
+    stages = ["generate_sl", "sft", "generate_pairs", "feedback"]
+    assert f"Model smollm2_135m (gguf_wheel), stages: {stages}" in log
     summary = json.loads(
         next((tmp_path / "outputs" / "runs").glob("*/*/pipeline_summary.json")).read_text()
     )
-    assert [row["stage"] for row in summary] == ["generate_sl", "sft"] and summary[0]["built"]
+    assert [row["stage"] for row in summary] == stages and summary[0]["built"]
     manifest = json.loads((Path(summary[0]["path"]) / "manifest.json").read_text())
     assert (
         manifest["config"]["model"]["name"] == "smollm2_135m"
@@ -40,7 +42,9 @@ def test_main_command_on_the_embedded_model(tmp_path: Path):
     again = run_train(args, tmp_path, timeout=600)  # second run: everything reused
     assert again.returncode == 0
     summaries = sorted((tmp_path / "outputs" / "runs").glob("*/*/pipeline_summary.json"))
-    assert [row["built"] for row in json.loads(summaries[-1].read_text())] == [False, False]
+    assert [row["built"] for row in json.loads(summaries[-1].read_text())] == [False] * 4
+    labels = (Path(summary[3]["path"]) / "labels.jsonl").read_text().splitlines()
+    assert len(labels) == 2  # one soft label per red-team prompt
 
 
 def test_smoke_experiment(tmp_path: Path):

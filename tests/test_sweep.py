@@ -17,6 +17,7 @@ TINY_SL = [
     "sl.max_critique_tokens=6",
     "sl.max_revision_tokens=6",
     "generation.progress=false",
+    "pairs.max_new_tokens=6",
 ]
 
 
@@ -51,7 +52,8 @@ def test_size_sweep_with_tiny_stand_ins_runs_the_stages(tmp_path: Path):
     keys = [json.loads(p.read_text())[0]["key"] for p in summaries]
     assert len(keys) == 2 and keys[0] != keys[1]  # one artifact per model size
     assert all(
-        [row["stage"] for row in json.loads(p.read_text())] == ["generate_sl", "sft"]
+        [row["stage"] for row in json.loads(p.read_text())]
+        == ["generate_sl", "sft", "generate_pairs", "feedback"]
         for p in summaries
     )
     manifests = list((tmp_path / "outputs" / "artifacts" / "generate_sl").glob("*/manifest.json"))
