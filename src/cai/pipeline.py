@@ -222,7 +222,7 @@ def _register_stages() -> None:
     from cai.eval import hhh
     from cai.modules import sft
 
-    runtime_only = ("generation.batch_size", "generation.progress")
+    runtime_only = ("generation.batch_size", "generation.progress", "generation.device")
     STAGES.update(
         {
             "generate_sl": Stage(
@@ -244,6 +244,7 @@ def _register_stages() -> None:
                     "trainer.log_every_n_steps",
                     "trainer.enable_model_summary",
                     "trainer.enable_checkpointing",
+                    "trainer.use_distributed_sampler",
                 ),
             ),
             "generate_pairs": Stage(

@@ -14,6 +14,17 @@ from cai.generation.base import (
 )
 
 
+def resolve_device(name: str) -> str:
+    """`generation.device`: auto = the first CUDA GPU when there is one, else the CPU."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"generation.device={name}, but torch sees no CUDA GPU: use cpu or auto.")
+    return name
+
+
 def build_engine(gen_cfg: DictConfig, model_cfg: DictConfig, cache_dir: str) -> GenerationEngine:
     """The engine for `generation.backend` (hf or vllm), with its model loaded."""
     from cai.models import load_model, model_folder
@@ -22,6 +33,7 @@ def build_engine(gen_cfg: DictConfig, model_cfg: DictConfig, cache_dir: str) -> 
         from cai.generation.hf import HFEngine
 
         model, tokenizer = load_model(model_cfg, cache_dir, dtype=gen_cfg.get("dtype"))
+        model.to(resolve_device(str(gen_cfg.get("device", "auto"))))
         return HFEngine(
             model,
             tokenizer,

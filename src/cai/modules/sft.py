@@ -182,6 +182,19 @@ class SFTDataModule(pl.LightningDataModule):
         batches = bucketed_batches(
             [len(e.input_ids) for e in examples], self.batch_size, self.bucket_size, seed
         )
+        # Several processes (DDP, FSDP): each takes every world-th batch of the same seeded
+        # order, all the same number of batches (trainer.use_distributed_sampler is off).
+        rank, world = (
+            (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        )
+        if world > 1:
+            usable = len(batches) - len(batches) % world
+            if usable == 0:
+                raise ConfigError(
+                    f"{len(batches)} batches for {world} processes: lower sft.batch_size or "
+                    "trainer.devices."
+                )
+            batches = batches[:usable][rank::world]
         return DataLoader(
             examples, batch_sampler=batches, collate_fn=lambda b: collate(b, self.pad_id)
         )
