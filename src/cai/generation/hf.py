@@ -332,10 +332,12 @@ class HFEngine(GenerationEngine):
             for _step in range(max_new):
                 next_ids = self._sample(
                     logits, [requests[i] for i in live], [generators[i] for i in live]
-                )
+                )  # on the CPU
+                sampled = next_ids.tolist()
+                next_ids = next_ids.to(device)
                 keep = []
                 for slot, row in enumerate(live):
-                    token = int(next_ids[slot])
+                    token = sampled[slot]
                     fed = True  # whether this row's generated tokens are all in the cache
                     if token in self.stop_token_ids:
                         finish[row] = "stop"
