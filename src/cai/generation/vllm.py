@@ -7,7 +7,13 @@ Install with `pip install -e ".[vllm]"` on a CUDA machine; select with `generati
 from __future__ import annotations
 
 from cai.errors import ConfigError
-from cai.generation.base import Generation, GenerationEngine, Request
+from cai.generation.base import (
+    Generation,
+    GenerationEngine,
+    OptionScores,
+    Request,
+    ScoreRequest,
+)
 
 
 def require_vllm():
@@ -70,4 +76,37 @@ class VLLMEngine(GenerationEngine):
                     prompt_tokens=len(output.prompt_token_ids),
                 )
             )
+        return results
+
+    def score(
+        self, requests: list[ScoreRequest], prefix: str = "", desc: str = "score"
+    ) -> list[OptionScores]:
+        """Each option as its own prompt with `prompt_logprobs` (prefix caching shares the
+        few-shot block and the context between the options); log-probabilities of the option's
+        tokens summed."""
+        from vllm import SamplingParams
+
+        tokenizer = self.llm.get_tokenizer()
+        prompts, starts, counts = [], [], []
+        for r in requests:
+            context = tokenizer(prefix + r.context).input_ids
+            for option in r.options:
+                full = tokenizer(prefix + r.context + option).input_ids
+                prompts.append({"prompt_token_ids": full})
+                starts.append(len(context))
+            counts.append(len(r.options))
+        outputs = self.llm.generate(
+            prompts, SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=True
+        )
+        sums, tokens = [], []
+        for output, start in zip(outputs, starts, strict=True):
+            ids = output.prompt_token_ids
+            sums.append(
+                sum(output.prompt_logprobs[t][ids[t]].logprob for t in range(start, len(ids)))
+            )
+            tokens.append(len(ids) - start)
+        results, at = [], 0
+        for n in counts:
+            results.append(OptionScores(tuple(sums[at : at + n]), tuple(tokens[at : at + n])))
+            at += n
         return results
