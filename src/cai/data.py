@@ -224,3 +224,51 @@ def _hh_missing(subset: str, data_dir: str | None) -> str:
         f"hh-rlhf/{subset}/*.jsonl.gz) and could not be downloaded. Set paths.data_dir or "
         f"CAI_DATA_DIR, or use data=builtin."
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Human comparisons of hh-rlhf, in fixed disjoint splits
+
+# Every comparison of an hh-rlhf file belongs to exactly one of these, by a hash of its chosen
+# dialogue (fixed salt: the same on every machine and run). The PM trains on `pm_train` (only
+# with pm.harmlessness=human) and reports on `pm_eval`; the evaluation judges (issue: eval
+# stage) train on `judge_train` and report their own accuracy on `judge_test`.
+HH_SPLITS = {
+    "pm_train": (0.0, 0.4),
+    "pm_eval": (0.4, 0.6),
+    "judge_train": (0.6, 0.85),
+    "judge_test": (0.85, 1.0),
+}
+HH_SPLIT_SALT = "cai-hh-split-v1"
+
+
+def hh_split_of(chosen: str) -> str:
+    fraction = int(hashlib.sha256(f"{HH_SPLIT_SALT}/{chosen}".encode()).hexdigest()[:8], 16) / 2**32
+    return next(name for name, (low, high) in HH_SPLITS.items() if low <= fraction < high)
+
+
+def hh_rlhf_comparisons(data_dir: str | None, subset: str, split: str) -> list[tuple[str, str]]:
+    """(chosen, rejected) dialogue transcripts of one split of hh-rlhf `subset`
+    (harmless-base, helpful-base), read through `datasets` from paths.data_dir or the hub."""
+    import datasets
+
+    if split not in HH_SPLITS:
+        raise ConfigError(f"hh-rlhf split {split!r}: use one of {', '.join(HH_SPLITS)}.")
+    folder = Path(data_dir) / "hh-rlhf" / subset if data_dir else None
+    files = sorted(folder.glob("*.jsonl.gz")) if folder and folder.is_dir() else []
+    try:
+        if files:
+            rows = datasets.load_dataset("json", data_files=[str(f) for f in files], split="train")
+        elif hub_reachable():
+            rows = datasets.load_dataset("Anthropic/hh-rlhf", data_dir=subset, split="train")
+        else:
+            raise ConfigError(_hh_missing(subset, data_dir))
+    except ConfigError:
+        raise
+    except Exception as error:
+        raise ConfigError(f"{_hh_missing(subset, data_dir)} ({error})") from error
+    return [
+        (row["chosen"], row["rejected"])
+        for row in rows
+        if row["chosen"] != row["rejected"] and hh_split_of(row["chosen"]) == split
+    ]

@@ -83,9 +83,13 @@ def sample_feedback_principles(seed: int, comparison_id: str, k: int, available:
 #    pretrained language model reading transcripts)
 
 
+HELPFULNESS = -1  # principle index of the helpfulness question (helpfulness pairs)
+
+
 class FeedbackPrompts:
-    def __init__(self, constitution: Constitution):
+    def __init__(self, constitution: Constitution, helpfulness_principle: str = ""):
         self.principles = constitution.feedback
+        self.helpfulness_principle = helpfulness_principle
         n = len(self.principles)
         # Few-shot block: each solved example with a fixed principle (example i gets principle
         # i mod n) and the correct answer alternating between (A) and (B). The block is the same
@@ -112,16 +116,23 @@ class FeedbackPrompts:
             "\n\nThe answer is:"
         )
 
+    def principle(self, index: int) -> str:
+        if index == HELPFULNESS:
+            if not self.helpfulness_principle:
+                raise ConfigError("Helpfulness pairs need feedback.helpfulness_principle.")
+            return self.helpfulness_principle
+        return self.principles[index]
+
     def question(self, request: str, principle: int, first: str, second: str) -> str:
         """The multiple-choice question (after `self.prefix`), ending in "The answer is:"."""
-        return self._question(f"\n\nHuman: {request}", self.principles[principle], first, second)
+        return self._question(f"\n\nHuman: {request}", self.principle(principle), first, second)
 
     def cot_question(self, request: str, principle: int, first: str, second: str) -> str:
         """The chain-of-thought question (after `self.cot_prefix`), ending where the model
         starts reasoning (the paper's RLMadisonPrecog format)."""
         return (
             "\n\nHuman: Consider the following conversation between a human (H) and an "
-            f"assistant (A):\n\nH: {request}\n\n{self.principles[principle]}\n (A) [[[{first}]]]"
+            f"assistant (A):\n\nH: {request}\n\n{self.principle(principle)}\n (A) [[[{first}]]]"
             f"\n (B) [[[{second}]]]\n\nAssistant: Let's think step by step:"
         )
 
@@ -140,6 +151,7 @@ class Comparison:
     id: str
     prompt: str  # the human's request
     answers: tuple[str, str]
+    kind: str = "red_team"  # red_team: harmlessness principles; helpful: the helpfulness one
 
 
 @dataclass(frozen=True)
@@ -185,9 +197,14 @@ def plan_queries(
     queries = []
     samples = settings.cot_samples if settings.cot else 1
     for index, comparison in enumerate(comparisons):
-        for principle in sample_feedback_principles(
-            seed, comparison.id, settings.num_principles, num_principles
-        ):
+        principles = (
+            [HELPFULNESS]
+            if comparison.kind == "helpful"
+            else sample_feedback_principles(
+                seed, comparison.id, settings.num_principles, num_principles
+            )
+        )
+        for principle in principles:
             for swapped in (False, True) if settings.swap else (False,):
                 queries += [Query(index, principle, swapped, s) for s in range(samples)]
     return queries
@@ -270,13 +287,18 @@ def label_comparisons(
                 "answer_a": comparison.answers[0],
                 "answer_b": comparison.answers[1],
                 "p_a": mean([d["p_first"] for d in details]),
-                "principles": sorted({f"feedback{d['principle']}" for d in details}),
+                "kind": comparison.kind,
+                "principles": sorted({_principle_id(d["principle"]) for d in details}),
                 # mean p of whatever sits at (A), minus 0.5: > 0 favours the first slot
                 "position_bias": mean([d["p_option_a"] for d in details]) - 0.5,
                 "queries": details,
             }
         )
     return records
+
+
+def _principle_id(index: int) -> str:
+    return "helpfulness" if index == HELPFULNESS else f"feedback{index}"
 
 
 def _query_seed(seed: int, comparison_id: str, q: Query) -> int:
@@ -299,7 +321,7 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
     constitution, _ = _load_inputs(cfg)
     pairs = read_jsonl(upstream["generate_pairs"].file("pairs.jsonl"))
     comparisons = [
-        Comparison(p["id"], p["prompt"], (p["answer_a"], p["answer_b"]))
+        Comparison(p["id"], p["prompt"], (p["answer_a"], p["answer_b"]), p.get("kind", "red_team"))
         for p in pairs
         if p["answer_a"].strip() and p["answer_b"].strip() and p["answer_a"] != p["answer_b"]
     ]
@@ -311,7 +333,7 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
             f"No usable pairs in {upstream['generate_pairs'].path}: every pair has an empty or "
             "repeated answer. Sample more (pairs.max_new_tokens, pairs.temperature)."
         )
-    prompts = FeedbackPrompts(constitution)
+    prompts = FeedbackPrompts(constitution, str(cfg.feedback.helpfulness_principle))
     # The feedback model (paper: a pretrained LM, kept apart from the policy being trained).
     model_cfg = model_cfg_for(cfg, str(cfg.feedback.model), "feedback.model", upstream)
     engine = build_engine(cfg.generation, model_cfg, cfg.paths.cache_dir)

@@ -1,5 +1,6 @@
 """generate_pairs: the SL-CAI model samples two answers per red-team prompt (Bai et al. 2022,
-section 4.1: "we sample a pair of responses to each red-team prompt from the SL-CAI model").
+section 4.1: "we sample a pair of responses to each red-team prompt from the SL-CAI model"),
+and per helpfulness prompt when `pairs.helpful` (for AI helpfulness labels, `pm.helpfulness=ai`).
 The feedback stage then labels which answer of each pair is better."""
 
 from __future__ import annotations
@@ -42,14 +43,16 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
 
     pairs_cfg = cfg.pairs
     _, prompt_set = _load_inputs(cfg)
-    prompts = prompt_set.split(str(pairs_cfg.split)).red_team
-    if pairs_cfg.max_prompts is not None:
-        prompts = prompts[: int(pairs_cfg.max_prompts)]
+    split = prompt_set.split(str(pairs_cfg.split))
+    limit = None if pairs_cfg.max_prompts is None else int(pairs_cfg.max_prompts)
+    prompts = split.red_team[:limit]
     if not prompts:
         raise ConfigError(
             f"No red-team prompts in the {pairs_cfg.split!r} split to sample pairs for: check "
             "data.* (or pairs.split, pairs.max_prompts)."
         )
+    # Helpfulness pairs too, for AI helpfulness labels (pm.helpfulness=ai)
+    prompts += split.helpful[:limit] if pairs_cfg.helpful else []
     policy = OmegaConf.merge(cfg.model, {"path": str(upstream["sft"].path / "model")})
     engine = build_engine(cfg.generation, policy, cfg.paths.cache_dir)
     tokenizer = engine_tokenizer(engine, cfg)
@@ -72,6 +75,7 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
                     "id": p.id,
                     "prompt": p.text,
                     "category": p.category,
+                    "kind": p.kind,
                     "answer_a": a.text,
                     "answer_b": b.text,
                     "tokens_a": a.num_tokens,
@@ -88,6 +92,7 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
     lengths = [r[f"tokens_{w}"] for r in records for w in "ab"]
     return {
         "pairs": len(records),
+        "helpful_pairs": sum(r["kind"] == "helpful" for r in records),
         "identical_pairs": sum(r["answer_a"] == r["answer_b"] for r in records),
         "empty_answers": sum(not r[f"answer_{w}"].strip() for r in records for w in "ab"),
         "mean_answer_tokens": round(sum(lengths) / len(lengths), 2),

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from cai.artifacts import Artifact, read_jsonl
 from cai.errors import ConfigError
+from cai.modules.training import TrainingModule, fit
 
 log = logging.getLogger(__name__)
 IGNORE = -100  # label of tokens that carry no loss (the prompt, padding)
@@ -234,45 +235,12 @@ def response_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     return logits, targets[counted]
 
 
-class SFTModule(pl.LightningModule):
-    def __init__(
-        self,
-        model,
-        lr: float,
-        weight_decay: float,
-        betas,
-        warmup_steps: int,
-        clip_norm: float | None = None,
-        cpu_attention: str | None = "eager",
-    ):
-        super().__init__()
-        self.model = model
-        self.cpu_attention = cpu_attention  # attention kernel for training on a CPU
-        self.clip_norm = clip_norm  # clipped here: Lightning refuses to clip with a fused optimizer
-        self.lr, self.weight_decay, self.betas, self.warmup_steps = (
-            lr,
-            weight_decay,
-            tuple(betas),
-            warmup_steps,
-        )
+class SFTModule(TrainingModule):
+    """Fine-tuning on response tokens; optimiser, clipping and CPU settings: TrainingModule."""
+
+    def __init__(self, model, *args, **kwargs):
+        super().__init__(model, *args, **kwargs)
         self._tokens, self._started = 0, None
-
-    def on_fit_start(self):
-        if self.device.type != "cpu":
-            return
-        from cai.models import keep_freed_memory
-
-        keep_freed_memory()  # no page faults on the step's fresh 100+ MB buffers (models.py)
-        self._attention = self.model.config._attn_implementation
-        if self.cpu_attention:  # eager (bmm) attention trains faster here than SDPA's CPU kernel
-            self.model.set_attn_implementation(self.cpu_attention)
-
-    def on_fit_end(self):
-        if getattr(self, "_attention", None):  # the saved model keeps its own attention setting
-            self.model.set_attn_implementation(self._attention)
-
-    def on_train_start(self):
-        self.start_step = self.global_step  # > 0 when resumed from a checkpoint
 
     def training_step(self, batch, batch_idx):
         # 1. forward over prompt + response; 2. loss on response tokens only
@@ -293,26 +261,6 @@ class SFTModule(pl.LightningModule):
             batch_size=batch["input_ids"].shape[0],
         )
 
-    def on_before_optimizer_step(self, optimizer):
-        if self.clip_norm:
-            torch.nn.utils.clip_grad_norm_(
-                [p for p in self.model.parameters() if p.grad is not None], self.clip_norm
-            )
-
-    def configure_optimizers(self):
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        settings = {"lr": self.lr, "weight_decay": self.weight_decay, "betas": self.betas}
-        try:  # the fused kernel: one pass over all parameters (about 4x faster on a CPU)
-            optimizer = torch.optim.AdamW(params, fused=True, **settings)
-        except (RuntimeError, TypeError):
-            optimizer = torch.optim.AdamW(params, **settings)
-        warmup = max(1, self.warmup_steps)
-        # Constant learning rate after a linear warm-up (paper: constant LR, section 3.1).
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / warmup)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
 
 # ---------------------------------------------------------------------------------------------
 # 4. The pipeline stage
@@ -320,12 +268,8 @@ class SFTModule(pl.LightningModule):
 
 def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) -> dict:
     """sft: train SL-CAI-n and save it with save_pretrained in `work_dir/model`."""
-    from hydra.utils import instantiate
-    from pytorch_lightning.callbacks import ModelCheckpoint
-
     from cai.config import model_cfg_for
-    from cai.loggers import build_loggers
-    from cai.models import bf16_supported, load_model
+    from cai.models import load_model
 
     sft = cfg.sft
     init_cfg = model_cfg_for(cfg, str(sft.init), "sft.init", upstream)
@@ -355,48 +299,15 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
         clip_norm=float(clip) if clip else None,
         cpu_attention=sft.get("cpu_attention"),
     )
-    checkpoints = work_dir / "checkpoints"
-    precision = cfg.trainer.precision
-    if cfg.trainer.accelerator == "cpu" and "bf16" in str(precision) and not bf16_supported():
-        log.warning("This CPU has no native bf16: training in fp32.")
-        precision = "32-true"
-    pl.seed_everything(int(cfg.seed), workers=True)
-    trainer = instantiate(
-        cfg.trainer,
-        precision=precision,
-        gradient_clip_val=None,  # the module clips (see SFTModule.on_before_optimizer_step)
-        max_steps=int(sft.max_steps),
-        logger=build_loggers(cfg.logger),
-        callbacks=[
-            ModelCheckpoint(
-                dirpath=checkpoints,
-                save_last=True,
-                every_n_train_steps=int(sft.checkpoint_every),
-                save_top_k=0,
-            )
-        ],
-    )
-    resume = checkpoints / "last.ckpt"
-    resumed = resume.is_file()  # a killed run left a checkpoint: continue from its step
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resumed else None)
-    wall = time.perf_counter() - start
+    trained = fit(cfg, module, data, work_dir, int(sft.max_steps), int(sft.checkpoint_every))
     final = module.model.merge_and_unload() if sft.lora else module.model
     final.save_pretrained(work_dir / "model", safe_serialization=True)
     tokenizer.save_pretrained(work_dir / "model")
-    import shutil
-
-    shutil.rmtree(checkpoints, ignore_errors=True)  # resumable state is not part of the artifact
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     return {
         **counts,
         "train_examples": len(train),
         "val_examples": len(val),
-        "steps": trainer.global_step,
-        "resumed": resumed,
-        "start_step": module.start_step,
-        "fit_wall_s": round(wall, 2),
-        **metrics,
+        **trained,
         "target_revision": int(cfg.sl.num_revisions),
         "init": str(sft.init),
     }

@@ -1,0 +1,131 @@
+"""What the training stages (sft, pm, ppo) share: the optimiser, clipping, CPU settings, and
+fitting a module with resumable Lightning checkpoints."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+
+class TrainingModule(pl.LightningModule):
+    """AdamW (fused where available) with a linear warm-up then a constant learning rate,
+    gradient clipping by the module itself, and the CPU settings of `on_fit_start`."""
+
+    def __init__(
+        self,
+        model,
+        lr: float,
+        weight_decay: float,
+        betas,
+        warmup_steps: int,
+        clip_norm: float | None = None,
+        cpu_attention: str | None = "eager",
+    ):
+        super().__init__()
+        self.model = model
+        self.cpu_attention = cpu_attention  # attention kernel for training on a CPU
+        self.clip_norm = clip_norm  # clipped here: Lightning refuses to clip with a fused optimizer
+        self.lr, self.weight_decay, self.betas, self.warmup_steps = (
+            lr,
+            weight_decay,
+            tuple(betas),
+            warmup_steps,
+        )
+        self.start_step = 0
+
+    def on_fit_start(self):
+        if self.device.type != "cpu":
+            return
+        from cai.models import keep_freed_memory
+
+        keep_freed_memory()  # no page faults on the step's fresh 100+ MB buffers (models.py)
+        self._attention = self.model.config._attn_implementation
+        if self.cpu_attention:  # eager (bmm) attention trains faster here than SDPA's CPU kernel
+            self.model.set_attn_implementation(self.cpu_attention)
+
+    def on_fit_end(self):
+        if getattr(self, "_attention", None):  # the saved model keeps its own attention setting
+            self.model.set_attn_implementation(self._attention)
+
+    def on_train_start(self):
+        self.start_step = self.global_step  # > 0 when resumed from a checkpoint
+
+    def on_before_optimizer_step(self, optimizer):
+        if self.clip_norm:
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.grad is not None], self.clip_norm
+            )
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        settings = {"lr": self.lr, "weight_decay": self.weight_decay, "betas": self.betas}
+        try:  # the fused kernel: one pass over all parameters (about 4x faster on a CPU)
+            optimizer = torch.optim.AdamW(params, fused=True, **settings)
+        except (RuntimeError, TypeError):
+            optimizer = torch.optim.AdamW(params, **settings)
+        warmup = max(1, self.warmup_steps)
+        # Constant learning rate after a linear warm-up (paper: constant LR, section 3.1).
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / warmup)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def fit(
+    cfg: DictConfig,
+    module: TrainingModule,
+    data: pl.LightningDataModule,
+    work_dir: Path,
+    max_steps: int,
+    checkpoint_every: int,
+) -> dict:
+    """Train with `cfg.trainer`; a killed run, started again, resumes from the last checkpoint
+    in `work_dir/checkpoints` (removed once training ends). Returns the trainer's metrics."""
+    from hydra.utils import instantiate
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from cai.loggers import build_loggers
+    from cai.models import bf16_supported
+
+    checkpoints = work_dir / "checkpoints"
+    precision = cfg.trainer.precision
+    if cfg.trainer.accelerator == "cpu" and "bf16" in str(precision) and not bf16_supported():
+        log.warning("This CPU has no native bf16: training in fp32.")
+        precision = "32-true"
+    pl.seed_everything(int(cfg.seed), workers=True)
+    trainer = instantiate(
+        cfg.trainer,
+        precision=precision,
+        gradient_clip_val=None,  # the module clips (TrainingModule.on_before_optimizer_step)
+        max_steps=max_steps,
+        logger=build_loggers(cfg.logger),
+        callbacks=[
+            ModelCheckpoint(
+                dirpath=checkpoints,
+                save_last=True,
+                every_n_train_steps=checkpoint_every,
+                save_top_k=0,
+            )
+        ],
+    )
+    resume = checkpoints / "last.ckpt"
+    resumed = resume.is_file()  # a killed run left a checkpoint: continue from its step
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resumed else None)
+    wall = time.perf_counter() - start
+    shutil.rmtree(checkpoints, ignore_errors=True)  # resumable state is not part of the artifact
+    return {
+        "steps": trainer.global_step,
+        "resumed": resumed,
+        "start_step": module.start_step,
+        "fit_wall_s": round(wall, 2),
+        **{k: float(v) for k, v in trainer.callback_metrics.items()},
+    }
