@@ -192,13 +192,16 @@ def test_pairs_and_feedback_write_soft_labels(make_cfg):
     cfg = make_cfg(*SMALL, "pipeline.stages=[generate_sl,sft,generate_pairs,feedback]")
     artifacts = run(cfg)
     pairs = read_jsonl(artifacts["generate_pairs"].file("pairs.jsonl"))
-    assert len(pairs) == 5 and all(p["answer_a"] != p["answer_b"] for p in pairs)
+    assert len(pairs) == 7 and all(p["answer_a"] != p["answer_b"] for p in pairs)
+    assert [p["kind"] for p in pairs].count("helpful") == 2
     labels = load_labels(artifacts["feedback"])
-    assert labels.num_rows == 5
+    assert labels.num_rows == 7
+    helpful = [r for r in labels if r["kind"] == "helpful"]
+    assert all(r["principles"] == ["helpfulness"] for r in helpful)
     assert all(0.0 <= p <= 1.0 for p in labels["p_a"])
     assert all(len(q) == 2 for q in labels["queries"])  # swap on by default: both orders
     metrics = artifacts["feedback"].manifest["metrics"]
-    assert metrics["comparisons"] == 5 and "position_bias" in metrics
+    assert metrics["comparisons"] == 7 and "position_bias" in metrics
     assert not (artifacts["feedback"].path / "parts").exists()
     # CoT labels are clamped; the pairs and SFT artifacts are reused, not rebuilt
     cot = run(

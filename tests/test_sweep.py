@@ -18,6 +18,8 @@ TINY_SL = [
     "sl.max_revision_tokens=6",
     "generation.progress=false",
     "pairs.max_new_tokens=6",
+    "pm.max_eval=4",
+    "pm.max_hhh=4",
 ]
 
 
@@ -53,7 +55,7 @@ def test_size_sweep_with_tiny_stand_ins_runs_the_stages(tmp_path: Path):
     assert len(keys) == 2 and keys[0] != keys[1]  # one artifact per model size
     assert all(
         [row["stage"] for row in json.loads(p.read_text())]
-        == ["generate_sl", "sft", "generate_pairs", "feedback"]
+        == ["generate_sl", "sft", "generate_pairs", "feedback", "pm"]
         for p in summaries
     )
     manifests = list((tmp_path / "outputs" / "artifacts" / "generate_sl").glob("*/manifest.json"))

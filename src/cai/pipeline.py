@@ -220,8 +220,16 @@ def _register_stages() -> None:
     """The pipeline's stages, in order. Each later stage adds its line here."""
     from cai import critique, feedback, pairs
     from cai.eval import hhh
-    from cai.modules import sft
+    from cai.modules import pm, sft
 
+    trainer_runtime = (
+        "trainer.enable_progress_bar",
+        "trainer.default_root_dir",
+        "trainer.log_every_n_steps",
+        "trainer.enable_model_summary",
+        "trainer.enable_checkpointing",
+        "trainer.use_distributed_sampler",
+    )
     runtime_only = ("generation.batch_size", "generation.progress", "generation.device")
     STAGES.update(
         {
@@ -237,15 +245,7 @@ def _register_stages() -> None:
                 sft.run_stage,
                 config_keys=("model", "sft", "sl.num_revisions", "trainer"),
                 upstream=("generate_sl",),
-                ignore=(
-                    "sft.checkpoint_every",
-                    "trainer.enable_progress_bar",
-                    "trainer.default_root_dir",
-                    "trainer.log_every_n_steps",
-                    "trainer.enable_model_summary",
-                    "trainer.enable_checkpointing",
-                    "trainer.use_distributed_sampler",
-                ),
+                ignore=("sft.checkpoint_every", *trainer_runtime),
             ),
             "generate_pairs": Stage(
                 "generate_pairs",
@@ -264,6 +264,18 @@ def _register_stages() -> None:
                 content=critique.stage_inputs,
                 check=lambda cfg: feedback.FeedbackSettings.from_config(cfg.feedback),
             ),
+            "pm": Stage(
+                "pm",
+                pm.run_stage,
+                config_keys=("model", "pm", "trainer"),
+                upstream=("feedback", "sft"),
+                ignore=(
+                    "pm.checkpoint_every",
+                    "pm.eval_batch_size",
+                    *trainer_runtime,
+                ),
+                content=lambda cfg: {"hh_rlhf_splits": pm_split_fingerprint()},
+            ),
             "eval_hhh": Stage(
                 "eval_hhh",
                 hhh.run_stage,
@@ -274,6 +286,13 @@ def _register_stages() -> None:
             ),
         }
     )
+
+
+def pm_split_fingerprint() -> str:
+    """The hh-rlhf split rule (salt and fractions): part of the PM's key and manifest."""
+    from cai.data import HH_SPLIT_SALT, HH_SPLITS
+
+    return f"{HH_SPLIT_SALT}:{sorted(HH_SPLITS.items())}"
 
 
 def run_from_config(cfg: DictConfig) -> dict[str, Artifact]:

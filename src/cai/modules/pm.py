@@ -1,0 +1,426 @@
+"""The preference model (Bai et al. 2022, section 4.1): a causal-LM backbone with a scalar head
+read at the last token of "conversation + answer", trained on soft AI harmlessness labels mixed
+with helpfulness comparisons.
+
+Loss: binary cross-entropy between sigmoid(r_A - r_B) and the soft target p(A) (hard labels are
+p in {0, 1}), so a 0.55 label asks for a small margin and a 0.99 label for a large one.
+
+Baselines from the same module (paper Figures 2 and 3): `pm.harmlessness=ai` (RL-CAI, default),
+`human` (HH-RLHF: human harmlessness comparisons of hh-rlhf harmless-base, split `pm_train`),
+`none` (Helpful-RLHF). Metrics on the held-out human comparisons (split `pm_eval`, disjoint from
+every other split) and on the 438 HHH comparisons go to result rows (Figure 4's PM series).
+
+The saved model is a transformers `AutoModelForSequenceClassification` (num_labels = 1);
+`PreferenceModel.load(folder).score(dialogues)` scores in batches without the training code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from cai.artifacts import Artifact, read_jsonl, write_json_atomic
+from cai.constitution import parse_turns
+from cai.errors import ConfigError
+from cai.modules.sft import bucketed_batches
+from cai.modules.training import TrainingModule, fit
+from cai.prompting import raw_conversation
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Pure maths
+
+
+def soft_preference_loss(r_a: torch.Tensor, r_b: torch.Tensor, p_a: torch.Tensor) -> torch.Tensor:
+    """Mean BCE between sigmoid(r_a - r_b) and p_a: -[p log s(d) + (1 - p) log s(-d)].
+
+    r_a, r_b: [N] scalar rewards; p_a: [N] targets in [0, 1]. Returns a scalar.
+    """
+    return torch.nn.functional.binary_cross_entropy_with_logits(r_a - r_b, p_a)
+
+
+def pair_metrics(r_a: list[float], r_b: list[float], p_a: list[float], bins: int = 10) -> dict:
+    """Accuracy (the PM prefers the answer the label prefers), mean margin (r of the preferred
+    answer minus r of the other) and expected calibration error of sigmoid(r_a - r_b)."""
+    from cai.eval.hhh import calibration
+
+    preferred_first = [p > 0.5 for p in p_a]
+    margins = [
+        (a - b) if first else (b - a) for a, b, first in zip(r_a, r_b, preferred_first, strict=True)
+    ]
+    p_model = [1 / (1 + math.exp(-(a - b))) for a, b in zip(r_a, r_b, strict=True)]
+    chose_first = [p >= 0.5 for p in p_model]
+    correct = [c == f for c, f in zip(chose_first, preferred_first, strict=True)]
+    ece, _ = calibration([max(p, 1 - p) for p in p_model], correct, bins)
+    n = len(correct)
+    return {
+        "accuracy": sum(correct) / n,
+        "margin": sum(margins) / n,
+        "ece": ece,
+        "n": n,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Texts and tokens
+
+
+def dialogue_text(tokenizer, turns: list[dict], prompt_format: str) -> str:
+    """The conversation the PM reads: the chat template (ends with the end-of-turn token) or the
+    raw transcript plus the end token."""
+    if prompt_format == "chat":
+        return tokenizer.apply_chat_template(turns, tokenize=False)
+    from cai.constitution import Turn
+
+    return raw_conversation([Turn(t["role"], t["content"]) for t in turns]) + tokenizer.eos_token
+
+
+def answer_turns(prompt: str, answer: str) -> list[dict]:
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+
+
+def transcript_turns(transcript: str) -> list[dict]:
+    """'\\n\\nHuman: ..\\n\\nAssistant: ..' (hh-rlhf, the HHH evals) -> turns."""
+    return parse_turns(transcript)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    a: list[dict]  # turns ending with answer A
+    b: list[dict]
+    p_a: float  # probability that A is better (soft label)
+    source: str  # ai_harmless, ai_helpful, human_harmless, human_helpful
+
+
+@dataclass(frozen=True)
+class EncodedPair:
+    a: list[int]
+    b: list[int]
+    p_a: float
+
+
+def collate_pairs(pairs: list[EncodedPair], pad_id: int) -> dict[str, torch.Tensor]:
+    """Rows [A_1..A_n, B_1..B_n], right-padded; `last` indexes each row's final real token."""
+    rows = [p.a for p in pairs] + [p.b for p in pairs]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, : len(r)] = torch.tensor(r)
+    return {
+        "input_ids": input_ids,
+        "last": torch.tensor([len(r) - 1 for r in rows]),
+        "p_a": torch.tensor([p.p_a for p in pairs], dtype=torch.float32),
+    }
+
+
+def rewards(model, input_ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """Scalar reward of each row read at its last real token. input_ids [R, T], last [R] -> [R].
+
+    Right padding comes after every real token, so under the causal mask no attention mask is
+    needed."""
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(input_ids=input_ids).last_hidden_state  # [R, T, H]
+    final = hidden[torch.arange(len(last), device=hidden.device), last]  # [R, H]
+    return model.score(final).squeeze(-1).float()
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Lightning
+
+
+class PairDataModule(pl.LightningDataModule):
+    def __init__(self, pairs: list[EncodedPair], batch_size: int, pad_id: int, seed: int):
+        super().__init__()
+        self.pairs, self.batch_size, self.pad_id, self.seed = pairs, batch_size, pad_id, seed
+
+    def train_dataloader(self) -> DataLoader:
+        lengths = [max(len(p.a), len(p.b)) for p in self.pairs]
+        batches = bucketed_batches(lengths, self.batch_size, 16, self.seed)
+        rank, world = (
+            (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        )
+        if world > 1:  # each process every world-th batch, all the same number
+            batches = batches[: len(batches) - len(batches) % world][rank::world]
+        return DataLoader(
+            self.pairs, batch_sampler=batches, collate_fn=lambda b: collate_pairs(b, self.pad_id)
+        )
+
+
+class PMModule(TrainingModule):
+    def training_step(self, batch, batch_idx):
+        # 1. one forward over [A rows; B rows]; 2. rewards at the last tokens
+        r = rewards(self.model, batch["input_ids"], batch["last"])
+        r_a, r_b = r.chunk(2)
+        # 3. soft-label loss; 4. log loss, agreement with the label, margin
+        loss = soft_preference_loss(r_a, r_b, batch["p_a"])
+        agree = ((r_a > r_b) == (batch["p_a"] > 0.5)).float().mean()
+        n = len(r_a)
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self.log("train/accuracy", agree, prog_bar=True, batch_size=n)
+        self.log("train/margin", (r_a - r_b).abs().mean(), batch_size=n)
+        return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Scoring API
+
+
+class PreferenceModel:
+    """A trained PM: `score(dialogues)` -> one reward per dialogue (a list of turns, or a
+    "Human: .. Assistant: .." transcript)."""
+
+    def __init__(self, model, tokenizer, prompt_format: str, batch_size: int = 16):
+        self.model, self.tokenizer, self.format = model, tokenizer, prompt_format
+        self.batch_size = batch_size
+        self.device = next(model.parameters()).device
+
+    @classmethod
+    def load(cls, folder: str | Path, dtype: str = "float32", device: str = "cpu"):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from cai.models import resolve_dtype
+
+        folder = Path(folder)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            folder, dtype=resolve_dtype(dtype), use_safetensors=True
+        ).to(device)
+        model.eval()
+        settings = json.loads((folder / "pm_settings.json").read_text())
+        return cls(model, AutoTokenizer.from_pretrained(folder), settings["prompt_format"])
+
+    def encode(self, dialogue) -> list[int]:
+        turns = transcript_turns(dialogue) if isinstance(dialogue, str) else dialogue
+        text = dialogue_text(self.tokenizer, turns, self.format)
+        return self.tokenizer(text, add_special_tokens=self.format != "chat").input_ids
+
+    @torch.no_grad()
+    def score(self, dialogues: list, progress: bool = False) -> list[float]:
+        encoded = [self.encode(d) for d in dialogues]
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        out = [0.0] * len(encoded)
+        pad = self.tokenizer.pad_token_id
+        for start in tqdm(
+            range(0, len(order), self.batch_size), disable=not progress, desc="pm scores"
+        ):
+            batch = order[start : start + self.batch_size]
+            width = max(len(encoded[i]) for i in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            for row, i in enumerate(batch):
+                ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
+            last = torch.tensor([len(encoded[i]) - 1 for i in batch])
+            values = rewards(self.model, ids.to(self.device), last.to(self.device)).cpu()
+            for row, i in enumerate(batch):
+                out[i] = float(values[row])
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. The pipeline stage
+
+
+def training_comparisons(cfg: DictConfig, upstream: dict[str, Artifact]) -> tuple[list, dict]:
+    """The PM's training comparisons per `pm.harmlessness` and `pm.helpfulness`, mixed at
+    `pm.helpfulness_ratio` helpfulness comparisons per harmlessness comparison."""
+    from cai.data import hh_rlhf_comparisons
+
+    pm = cfg.pm
+    labels = read_jsonl(upstream["feedback"].file("labels.jsonl"))
+    harmless: list[Comparison] = []
+    if pm.harmlessness == "ai":
+        harmless = [
+            Comparison(
+                answer_turns(r["prompt"], r["answer_a"]),
+                answer_turns(r["prompt"], r["answer_b"]),
+                r["p_a"],
+                "ai_harmless",
+            )
+            for r in labels
+            if r.get("kind", "red_team") == "red_team"
+        ]
+    elif pm.harmlessness == "human":
+        human = hh_rlhf_comparisons(cfg.paths.data_dir, "harmless-base", "pm_train")
+        harmless = [
+            Comparison(transcript_turns(c), transcript_turns(r), 1.0, "human_harmless")
+            for c, r in human[: pm.max_human]
+        ]
+    elif pm.harmlessness != "none":
+        raise ConfigError(f"pm.harmlessness={pm.harmlessness!r}: use ai, human or none.")
+    helpful: list[Comparison] = []
+    if pm.helpfulness == "ai":
+        helpful = [
+            Comparison(
+                answer_turns(r["prompt"], r["answer_a"]),
+                answer_turns(r["prompt"], r["answer_b"]),
+                r["p_a"],
+                "ai_helpful",
+            )
+            for r in labels
+            if r.get("kind") == "helpful"
+        ]
+    elif pm.helpfulness == "hh_rlhf":
+        human = hh_rlhf_comparisons(cfg.paths.data_dir, "helpful-base", "pm_train")
+        helpful = [
+            Comparison(transcript_turns(c), transcript_turns(r), 1.0, "human_helpful")
+            for c, r in human[: pm.max_human]
+        ]
+    elif pm.helpfulness != "none":
+        raise ConfigError(f"pm.helpfulness={pm.helpfulness!r}: use hh_rlhf, ai or none.")
+    if harmless and pm.helpfulness_ratio is not None:
+        keep = round(float(pm.helpfulness_ratio) * len(harmless))
+        helpful = random.Random(f"{cfg.seed}/pm-mix").sample(helpful, min(keep, len(helpful)))
+    counts = {"harmlessness_pairs": len(harmless), "helpfulness_pairs": len(helpful)}
+    return harmless + helpful, counts
+
+
+def clean(comparisons: list[Comparison]) -> tuple[list[Comparison], dict]:
+    """Skip and count labels that are NaN or outside [0, 1], and pairs with identical texts."""
+    kept, bad_label, identical = [], 0, 0
+    for c in comparisons:
+        if not (isinstance(c.p_a, (int, float)) and 0.0 <= c.p_a <= 1.0):  # NaN fails both
+            bad_label += 1
+        elif c.a == c.b:
+            identical += 1
+        else:
+            kept.append(c)
+    for count, what in ((bad_label, "labels NaN or outside [0, 1]"), (identical, "identical")):
+        if count:
+            log.warning("Skipped %d PM comparisons: %s.", count, what)
+    return kept, {"skipped_bad_label": bad_label, "skipped_identical": identical}
+
+
+def init_preference_model(model_cfg: DictConfig, cache_dir: str):
+    """A sequence-classification model (one output) whose backbone is the causal LM's."""
+    from transformers import AutoModelForSequenceClassification
+
+    from cai.models import load_model
+
+    causal, tokenizer = load_model(model_cfg, cache_dir, dtype="float32")
+    config = causal.config
+    config.num_labels = 1
+    config.pad_token_id = tokenizer.pad_token_id
+    pm = AutoModelForSequenceClassification.from_config(config)
+    getattr(pm, pm.base_model_prefix).load_state_dict(
+        getattr(causal, causal.base_model_prefix).state_dict()
+    )
+    torch.nn.init.normal_(pm.score.weight, std=1 / math.sqrt(config.hidden_size + 1))
+    return pm, tokenizer
+
+
+def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) -> dict:
+    """pm: train the preference model, save it in `work_dir/model`, evaluate it (rows.csv)."""
+    from cai.config import model_cfg_for
+
+    pm = cfg.pm
+    comparisons, counts = training_comparisons(cfg, upstream)
+    comparisons, skipped = clean(comparisons)
+    if not comparisons:
+        raise ConfigError(
+            f"No PM training comparisons (pm.harmlessness={pm.harmlessness}, "
+            f"pm.helpfulness={pm.helpfulness}): check the feedback labels and the data."
+        )
+    init_cfg = model_cfg_for(cfg, str(pm.init), "pm.init", upstream)
+    model, tokenizer = init_preference_model(init_cfg, cfg.paths.cache_dir)
+    scorer = PreferenceModel(model, tokenizer, init_cfg.prompt_format, int(pm.eval_batch_size))
+    encoded = [
+        EncodedPair(scorer.encode(c.a), scorer.encode(c.b), float(c.p_a)) for c in comparisons
+    ]
+    pairs = [p for p in encoded if max(len(p.a), len(p.b)) <= int(pm.max_length)]
+    too_long = len(encoded) - len(pairs)
+    if too_long:
+        log.warning("Skipped %d PM comparisons longer than pm.max_length.", too_long)
+    if not pairs:
+        raise ConfigError(f"Every PM comparison is longer than pm.max_length={pm.max_length}.")
+    model.train()
+    clip = cfg.trainer.get("gradient_clip_val")
+    module = PMModule(
+        model,
+        float(pm.lr),
+        float(pm.weight_decay),
+        pm.betas,
+        int(pm.warmup_steps),
+        clip_norm=float(clip) if clip else None,
+        cpu_attention=pm.get("cpu_attention"),
+    )
+    data = PairDataModule(pairs, int(pm.batch_size), tokenizer.pad_token_id, int(cfg.seed))
+    trained = fit(cfg, module, data, work_dir, int(pm.max_steps), int(pm.checkpoint_every))
+    model.eval()
+    model.save_pretrained(work_dir / "model", safe_serialization=True)
+    tokenizer.save_pretrained(work_dir / "model")
+    write_json_atomic(
+        work_dir / "model" / "pm_settings.json", {"prompt_format": init_cfg.prompt_format}
+    )
+    rows, evaluation = evaluate(cfg, scorer, init_cfg.name, count_of(model))
+    from cai.results import write_rows
+
+    write_rows(work_dir / "rows.csv", rows)
+    return {
+        **counts,
+        **skipped,
+        "skipped_too_long": too_long,
+        "train_pairs": len(pairs),
+        **trained,
+        "eval": evaluation,
+        "harmlessness": str(pm.harmlessness),
+        "helpfulness": str(pm.helpfulness),
+        "init": str(pm.init),
+    }
+
+
+def count_of(model) -> int:
+    from cai.models import count_parameters
+
+    return count_parameters(model)
+
+
+def evaluate(cfg: DictConfig, scorer: PreferenceModel, name: str, parameters: int):
+    """PM accuracy, margin and ECE on hh-rlhf harmless `pm_eval` and on the 438 HHH pairs."""
+    from cai.data import hh_rlhf_comparisons
+    from cai.results import row, wilson_interval
+
+    sets = {}
+    if cfg.paths.data_dir:
+        human = hh_rlhf_comparisons(cfg.paths.data_dir, "harmless-base", "pm_eval")
+        sets["hh_rlhf_harmless"] = human[: cfg.pm.max_eval]
+        hhh = Path(cfg.paths.data_dir) / "cai-paper" / "evals" / "438HHHEvaluations.jsonl"
+        if hhh.is_file():
+            items = [json.loads(line) for line in hhh.read_text(encoding="utf-8").splitlines()]
+            sets["hhh"] = [(i["text_correct"], i["text_incorrect"]) for i in items][
+                : cfg.pm.max_hhh
+            ]
+    else:
+        log.warning("paths.data_dir is not set: the PM is not evaluated on human comparisons.")
+    rows, summary = [], {}
+    for eval_name, pairs in sets.items():
+        scores = scorer.score([t for pair in pairs for t in pair], progress=True)
+        metrics = pair_metrics(scores[0::2], scores[1::2], [1.0] * len(pairs))
+        low, high = wilson_interval(metrics["accuracy"] * metrics["n"], metrics["n"])
+        common = {
+            "stage": "pm",
+            "model": name,
+            "parameters": parameters,
+            "eval": eval_name,
+            "method": f"pm_{cfg.pm.harmlessness}",
+            "n": metrics["n"],
+        }
+        rows.append(row(**common, metric="accuracy", value=metrics["accuracy"], low=low, high=high))
+        rows.append(row(**common, metric="margin", value=metrics["margin"]))
+        rows.append(row(**common, metric="ece", value=metrics["ece"]))
+        summary[eval_name] = {k: round(v, 4) for k, v in metrics.items()}
+    return rows, summary
+
+
+def load_pm(artifact: Artifact, device: str = "cpu") -> PreferenceModel:
+    """The PM of a pm artifact, ready to score."""
+    return PreferenceModel.load(artifact.path / "model", device=device)

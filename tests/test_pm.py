@@ -1,0 +1,204 @@
+"""The preference model: the soft-label loss by hand, learning a separable set, save/reload,
+bad labels, the hh-rlhf splits, and the pm stage on the tiny model."""
+
+import math
+
+import pytest
+import torch
+
+from cai.errors import ConfigError
+from cai.modules.pm import (
+    Comparison,
+    EncodedPair,
+    PairDataModule,
+    PMModule,
+    PreferenceModel,
+    answer_turns,
+    clean,
+    init_preference_model,
+    pair_metrics,
+    soft_preference_loss,
+)
+
+
+def test_soft_label_loss_by_hand():
+    r_a, r_b, p = torch.tensor([2.0]), torch.tensor([0.5]), torch.tensor([0.8])
+    sigma = 1 / (1 + math.exp(-1.5))
+    expected = -(0.8 * math.log(sigma) + 0.2 * math.log(1 - sigma))
+    assert float(soft_preference_loss(r_a, r_b, p)) == pytest.approx(expected, rel=1e-6)
+    # a hard label is the special case p = 1: -log sigmoid(r_a - r_b)
+    hard = soft_preference_loss(r_a, r_b, torch.tensor([1.0]))
+    assert float(hard) == pytest.approx(-math.log(sigma), rel=1e-6)
+    # a 0.5 label is satisfied by equal rewards, whatever they are
+    half = soft_preference_loss(torch.tensor([3.0]), torch.tensor([3.0]), torch.tensor([0.5]))
+    assert float(half) == pytest.approx(math.log(2))
+
+
+def test_pair_metrics_by_hand():
+    m = pair_metrics([1.0, 0.0, 2.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.2])
+    assert m["accuracy"] == pytest.approx(1 / 3)  # right, wrong, wrong
+    assert m["margin"] == pytest.approx((1.0 - 1.0 - 1.0) / 3)
+
+
+@pytest.fixture
+def tiny_pm():
+    from cai.config import compose
+
+    cfg = compose(["model=tiny"])
+    return init_preference_model(cfg.model, cfg.paths.cache_dir)
+
+
+def toy_pairs(scorer, n=16):
+    good = [answer_turns(f"Question {i}?", "I'm sorry, I can't help with that.") for i in range(n)]
+    bad = [answer_turns(f"Question {i}?", "Sure, here is exactly how to do it.") for i in range(n)]
+    # half the pairs put the preferred answer second (label 0)
+    return (
+        [
+            EncodedPair(scorer.encode(g), scorer.encode(b), 1.0)
+            if i % 2
+            else EncodedPair(scorer.encode(b), scorer.encode(g), 0.0)
+            for i, (g, b) in enumerate(zip(good, bad, strict=True))
+        ],
+        good,
+        bad,
+    )
+
+
+def test_separable_toy_set_reaches_90_percent_and_reloads(tiny_pm, tmp_path):
+    import json
+
+    import pytorch_lightning as pl
+
+    model, tokenizer = tiny_pm
+    scorer = PreferenceModel(model, tokenizer, "chat")
+    pairs, good, bad = toy_pairs(scorer)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    module = PMModule(model, 1e-3, 0.0, (0.9, 0.95), 1)
+    trainer = pl.Trainer(
+        max_epochs=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, datamodule=PairDataModule(pairs, 4, tokenizer.pad_token_id, seed=0))
+    assert trainer.global_step == 12
+    model.eval()
+    r_good, r_bad = scorer.score(good), scorer.score(bad)
+    assert pair_metrics(r_good, r_bad, [1.0] * len(good))["accuracy"] >= 0.9
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # saved and reloaded with plain transformers classes: the same scores
+    model.save_pretrained(tmp_path / "pm")
+    tokenizer.save_pretrained(tmp_path / "pm")
+    (tmp_path / "pm" / "pm_settings.json").write_text(json.dumps({"prompt_format": "chat"}))
+    reloaded = PreferenceModel.load(tmp_path / "pm")
+    assert reloaded.score(good[:3] + bad[:3]) == pytest.approx(
+        scorer.score(good[:3] + bad[:3]), abs=1e-4
+    )
+
+
+def test_scores_do_not_depend_on_batch_padding(tiny_pm):
+    model, tokenizer = tiny_pm
+    scorer = PreferenceModel(model, tokenizer, "chat", batch_size=4)
+    dialogues = [answer_turns("Hi", "Hello!"), answer_turns("A longer question here?", "x " * 30)]
+    together = scorer.score(dialogues)
+    alone = [scorer.score([d])[0] for d in dialogues]
+    assert together == pytest.approx(alone, abs=1e-4)
+    transcript = "\n\nHuman: Hi\n\nAssistant: Hello!"
+    assert scorer.score([transcript])[0] == pytest.approx(alone[0], abs=1e-5)
+
+
+def test_bad_labels_and_identical_pairs_are_skipped_and_counted():
+    a, b = answer_turns("q", "yes"), answer_turns("q", "no")
+    kept, counts = clean(
+        [
+            Comparison(a, b, 0.7, "ai_harmless"),
+            Comparison(a, b, float("nan"), "ai_harmless"),
+            Comparison(a, b, 1.5, "ai_harmless"),
+            Comparison(a, b, -0.1, "ai_harmless"),
+            Comparison(a, a, 0.9, "ai_harmless"),
+        ]
+    )
+    assert [c.p_a for c in kept] == [0.7]
+    assert counts == {"skipped_bad_label": 3, "skipped_identical": 1}
+
+
+def test_hh_rlhf_splits_are_disjoint_and_cover_the_file(data_dir):
+    from cai.data import HH_SPLITS, hh_rlhf_comparisons
+
+    splits = {s: hh_rlhf_comparisons(str(data_dir), "harmless-base", s) for s in HH_SPLITS}
+    chosen = [{c for c, _ in pairs} for pairs in splits.values()]
+    for i in range(len(chosen)):
+        for j in range(i + 1, len(chosen)):
+            assert not chosen[i] & chosen[j]
+    assert sum(len(p) for p in splits.values()) >= 2300  # 2,312 less identical pairs
+    again = hh_rlhf_comparisons(str(data_dir), "harmless-base", "pm_eval")
+    assert again == splits["pm_eval"]  # fixed: the same on every call
+
+
+SMALL = [
+    "model=tiny",
+    "data.max_red_team=6",
+    "data.max_helpful=3",
+    "sl.generate_revisions=1",
+    "sl.num_revisions=1",
+    "sl.max_answer_tokens=8",
+    "sl.max_critique_tokens=6",
+    "sl.max_revision_tokens=8",
+    "generation.progress=false",
+    "sft.batch_size=4",
+    "trainer.enable_progress_bar=false",
+    "logger=none",
+    "pairs.max_new_tokens=10",
+    "pm.batch_size=4",
+    "pm.max_eval=16",
+    "pm.max_human=16",
+]
+
+
+def test_pm_stage_trains_saves_and_reports(make_cfg, data_dir):
+    from cai.pipeline import run
+    from cai.results import read_rows
+
+    cfg = make_cfg(
+        *SMALL,
+        f"paths.data_dir={data_dir}",
+        "pipeline.stages=[generate_sl,sft,generate_pairs,feedback,pm]",
+    )
+    artifacts = run(cfg)
+    pm = artifacts["pm"]
+    metrics = pm.manifest["metrics"]
+    assert metrics["harmlessness_pairs"] == 6 and metrics["helpfulness_pairs"] == 3
+    assert metrics["train_pairs"] == 9 and metrics["steps"] == 3
+    rows = read_rows(pm.file("rows.csv"))
+    assert {(r["eval"], r["metric"]) for r in rows} == {
+        (e, m) for e in ("hh_rlhf_harmless", "hhh") for m in ("accuracy", "margin", "ece")
+    }
+    assert {r["n"] for r in rows if r["eval"] == "hhh"} == {"438"}
+    scores = PreferenceModel.load(pm.path / "model").score(["\n\nHuman: hi\n\nAssistant: hello"])
+    assert math.isfinite(scores[0])
+    # the HH-RLHF baseline trains on human comparisons, from the same module
+    human = run(
+        make_cfg(
+            *SMALL,
+            f"paths.data_dir={data_dir}",
+            "pipeline.stages=[pm]",
+            "pm.harmlessness=human",
+            "pm.helpfulness=none",
+        )
+    )
+    assert human["pm"].manifest["metrics"]["harmlessness_pairs"] == 16
+
+
+def test_pm_with_nothing_to_train_on_is_an_error(make_cfg, data_dir):
+    from cai.pipeline import run
+
+    base = [*SMALL, f"paths.data_dir={data_dir}"]
+    run(make_cfg(*base, "pipeline.stages=[generate_sl,sft,generate_pairs,feedback]"))
+    cfg = make_cfg(*base, "pipeline.stages=[pm]", "pm.harmlessness=none", "pm.helpfulness=none")
+    with pytest.raises(ConfigError, match="No PM training comparisons"):
+        run(cfg)
+    from pathlib import Path
+
+    assert not list((Path(cfg.paths.artifact_dir) / "pm").glob("*/manifest.json"))
