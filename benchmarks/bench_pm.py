@@ -1,0 +1,160 @@
+"""Preference-model training speed: this project's Lightning PM module against TRL's
+`RewardTrainer`, same backbone (SmolLM2-135M with a one-output head), same comparisons, batch
+size (pairs), precision (bf16 autocast) and hard labels, side by side in one run.
+
+    python benchmarks/bench_pm.py                          # 8 timed steps each, batch 4 pairs
+    python benchmarks/bench_pm.py --model tiny --steps 4   # seconds
+
+Pairs/s counts the comparisons of the timed steps; the first step of each is a warm-up and not
+timed. Needs `pip install trl` for the baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import pytorch_lightning as pl  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from cai.config import load_model_preset  # noqa: E402
+from cai.data import load_prompts  # noqa: E402
+from cai.modules.pm import (  # noqa: E402
+    EncodedPair,
+    PairDataModule,
+    PMModule,
+    PreferenceModel,
+    answer_turns,
+    init_preference_model,
+)
+
+GOOD = "I can't help with that, because it could hurt someone. I'm glad to talk through safer options. "
+BAD = "Sure, here is how to do it quietly so that nobody notices what you are doing. "
+
+
+def comparisons(n: int) -> list[tuple[list[dict], list[dict]]]:
+    """~150-token chat pairs: builtin red-team prompts, answers of varied length."""
+    cfg = OmegaConf.create(
+        {
+            "source": "builtin",
+            "eval_percent": 0,
+            "shuffle_seed": 0,
+            "max_red_team": n,
+            "max_helpful": 1,
+            "max_eval": 0,
+        }
+    )
+    prompts = load_prompts(cfg).red_team[:n]
+    return [
+        (answer_turns(p.text, GOOD * (2 + i % 3)), answer_turns(p.text, BAD * (2 + (i + 1) % 3)))
+        for i, p in enumerate(prompts)
+    ]
+
+
+class StepTimer(pl.Callback):
+    def __init__(self):
+        self.times = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.times.append(time.perf_counter())
+
+
+def run_ours(model, tokenizer, data, batch_size) -> float:
+    scorer = PreferenceModel(model, tokenizer, "chat")
+    pairs = [EncodedPair(scorer.encode(a), scorer.encode(b), 1.0) for a, b in data]
+    module = PMModule(model, 1e-5, 0.0, (0.9, 0.95), 1, clip_norm=1.0)
+    timer = StepTimer()
+    model.train()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        precision="bf16-mixed",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+    )
+    trainer.fit(module, datamodule=PairDataModule(pairs, batch_size, tokenizer.pad_token_id, 0))
+    return batch_size * (len(timer.times) - 1) / (timer.times[-1] - timer.times[0])
+
+
+def run_trl(model, tokenizer, data, batch_size) -> float:
+    import datasets
+    from transformers import TrainerCallback
+    from trl import RewardConfig, RewardTrainer
+
+    times = []
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            times.append(time.perf_counter())
+
+    args = RewardConfig(
+        output_dir="/tmp/bench_pm_trl",
+        per_device_train_batch_size=batch_size,
+        bf16=True,
+        max_steps=len(data) // batch_size,
+        learning_rate=1e-5,
+        lr_scheduler_type="constant",
+        logging_steps=1000,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        dataloader_num_workers=0,
+        max_length=1024,
+        seed=0,
+    )
+    model.train()
+    trainer = RewardTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list([{"chosen": a, "rejected": b} for a, b in data]),
+        processing_class=tokenizer,
+        callbacks=[Timer()],
+    )
+    trainer.train()
+    return batch_size * (len(times) - 1) / (times[-1] - times[0])
+
+
+def main():
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="smollm2_135m")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=4)
+    args = parser.parse_args()
+    cache = str(Path.home() / ".cache" / "cai")
+    data = comparisons(args.batch_size * (args.steps + 1))
+    spec = load_model_preset(args.model)
+    model, tokenizer = init_preference_model(spec, cache)
+    lengths = [len(PreferenceModel(model, tokenizer, "chat").encode(a)) for a, _ in data]
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, model {args.model}, batch "
+        f"{args.batch_size} pairs, {args.steps} timed steps, bf16 autocast, mean chosen length "
+        f"{sum(lengths) / len(lengths):.0f} tokens"
+    )
+    trl_rate = run_trl(model, tokenizer, data, args.batch_size)
+    print(f"TRL RewardTrainer             {trl_rate:8.2f} pairs/s")
+    model, tokenizer = init_preference_model(spec, cache)
+    ours = run_ours(model, tokenizer, data, args.batch_size)
+    print(f"cai PMModule (Lightning)      {ours:8.2f} pairs/s")
+    print(f"speed-up: {ours / trl_rate:.2f}x")
+    # Our module set a process-wide malloc option (cai.models.keep_freed_memory); for context,
+    # TRL again with that option in force.
+    model, tokenizer = init_preference_model(spec, cache)
+    again = run_trl(model, tokenizer, data, args.batch_size)
+    print(f"TRL RewardTrainer, same malloc {again:7.2f} pairs/s  (ours: {ours / again:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
