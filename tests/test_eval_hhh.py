@@ -126,6 +126,7 @@ def test_eval_hhh_stage_writes_result_rows(make_cfg, data_dir):
     assert accuracy["hhh", "zero_shot"]["n"] == "8" and accuracy["hhh", "cot"]["n"] == "2"
     assert all(0 <= float(r["value"]) <= 1 for r in accuracy.values())
     assert {r["model"] for r in rows} == {"tiny"} and rows[0]["parameters"]
+    assert {r["run_id"] for r in rows} == {artifact.key}
     assert read_rows(artifact.file("calibration.csv"))
     # the run gathers every stage's rows into one table beside its logs
     gathered = read_rows(Path(cfg.paths.output_dir) / "compose" / "results.csv")

@@ -131,6 +131,14 @@ def run(cfg: DictConfig) -> dict[str, Artifact]:
     return artifacts
 
 
+def _stamp_rows(path: Path, key: str) -> None:
+    """Result rows name the artifact that measured them (`run_id`)."""
+    from cai.results import read_rows, write_rows
+
+    if path.is_file():
+        write_rows(path, [{**r, "run_id": r["run_id"] or key} for r in read_rows(path)])
+
+
 def _gather_rows(artifacts: dict[str, Artifact], path: Path) -> None:
     """The result rows of every stage of this run, in one tidy table beside the run's logs."""
     from cai.results import read_rows, write_rows
@@ -168,6 +176,7 @@ def ensure_artifact(
         log.info("Building %s (key %s) in %s", name, key, work_dir)
         started = time.time()
         metrics = stage.fn(cfg, upstream, work_dir) or {}
+        _stamp_rows(work_dir / "rows.csv", key)
         manifest = {
             **inputs,
             "metrics": metrics,
