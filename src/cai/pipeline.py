@@ -229,7 +229,7 @@ def _register_stages() -> None:
     """The pipeline's stages, in order. Each later stage adds its line here."""
     from cai import critique, feedback, pairs
     from cai.eval import hhh
-    from cai.modules import pm, sft
+    from cai.modules import pm, ppo, sft
 
     trainer_runtime = (
         "trainer.enable_progress_bar",
@@ -284,6 +284,15 @@ def _register_stages() -> None:
                     *trainer_runtime,
                 ),
                 content=lambda cfg: {"hh_rlhf_splits": pm_split_fingerprint()},
+            ),
+            "ppo": Stage(
+                "ppo",
+                ppo.run_stage,
+                config_keys=("model", "data", "ppo", "trainer"),
+                upstream=("sft", "pm"),
+                ignore=("ppo.checkpoint_every", *trainer_runtime),
+                content=critique.stage_inputs,
+                check=ppo.check_settings,
             ),
             "eval_hhh": Stage(
                 "eval_hhh",

@@ -21,6 +21,7 @@ class Generation:
     num_tokens: int  # tokens generated (up to and including a stop string)
     finish_reason: str  # "stop" (end token or stop string) or "length"
     prompt_tokens: int = 0  # tokens of the prompt after the shared prefix
+    token_ids: tuple[int, ...] = ()  # the sampled tokens (end token excluded), where known
     extra: dict = field(default_factory=dict)
 
 

@@ -388,6 +388,7 @@ class HFEngine(GenerationEngine):
                     num_tokens=len(tokens[row]),
                     finish_reason=finish_reason,
                     prompt_tokens=len(encoded[row]),
+                    token_ids=tuple(tokens[row]),
                     extra=extra,
                 )
             )

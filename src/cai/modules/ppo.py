@@ -1,0 +1,493 @@
+"""RL-CAI: PPO of the SL-CAI policy against the preference model (Bai et al. 2022, section 4;
+PPO settings of Bai et al. 2022a: KL coefficient 0.001 to the SL-CAI reference, clip 0.2,
+gamma 1, no entropy bonus, answers up to 128 tokens).
+
+One Lightning step is one PPO iteration, with manual optimisation:
+1. rollout: the policy answers a batch of prompts (red-team and helpfulness, `ppo.prompt_mix`)
+   through the generation engine;
+2. score: the PM scores each (prompt, answer); answers that never end can get a penalty;
+3. KL-shaped rewards: -kl_coef * (log pi - log pi_ref) per token, the score at the last token;
+4. advantages: GAE over the value function's estimates, whitened;
+5. optimise: `ppo.epochs` passes over minibatches, clipped policy and value losses.
+The maths are the pure functions of `cai.rl.ppo_math`. Snapshots of the policy are saved as
+transformers models after configured numbers of training sequences (Figures 2 and 8).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+from cai.artifacts import Artifact, write_json_atomic
+from cai.errors import CAIError, ConfigError
+from cai.generation.base import Request
+from cai.prompting import answer_prompt
+from cai.rl.ppo_math import (
+    AdaptiveKLController,
+    gae,
+    kl_shaped_rewards,
+    policy_loss,
+    value_loss,
+    whiten,
+)
+
+log = logging.getLogger(__name__)
+
+REFUSALS = ("i can't", "i cannot", "i'm sorry", "i am sorry", "i won't", "i will not", "as an ai")
+
+
+class TrainingDiverged(CAIError):
+    """NaN/inf in the losses, or a KL beyond `ppo.max_kl`."""
+
+
+@dataclass
+class Rollout:
+    """One batch of sampled answers. Token tensors are [B, T] over answer tokens."""
+
+    prompts: list[str]
+    answers: list[str]
+    input_ids: torch.Tensor  # [B, L] prompt + answer, right-padded
+    answer_start: torch.Tensor  # [B] index of the first answer token
+    mask: torch.Tensor  # [B, T] 1 on answer tokens
+    ended: list[bool]  # the answer ended with an end token (else it hit the length limit)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Log-probabilities and values of answer tokens
+
+
+def answer_positions(answer_start: torch.Tensor, length: int) -> torch.Tensor:
+    """[B, T] index of the position that predicts answer token t (the one before it)."""
+    return answer_start[:, None] - 1 + torch.arange(length, device=answer_start.device)[None]
+
+
+def token_logprobs_and_hidden(model, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(answer token t) [B, T] and the hidden state that predicts it [B, T, H]."""
+    hidden = model.get_decoder()(input_ids=rollout.input_ids).last_hidden_state  # [B, L, H]
+    length = rollout.mask.shape[1]
+    positions = answer_positions(rollout.answer_start, length).clamp(max=hidden.shape[1] - 1)
+    rows = torch.arange(len(positions), device=hidden.device)[:, None]
+    states = hidden[rows, positions]  # [B, T, H]
+    logits = model.get_output_embeddings()(states).float()  # [B, T, V]
+    targets = rollout.input_ids[rows, (positions + 1).clamp(max=hidden.shape[1] - 1)]
+    logprobs = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
+    return logprobs * rollout.mask, states
+
+
+class ValueHead(torch.nn.Module):
+    """V(state) from the policy's hidden state: one linear layer (`ppo.value_model=head`)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(hidden_size, 1)
+        torch.nn.init.zeros_(self.linear.weight)
+        torch.nn.init.zeros_(self.linear.bias)
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        return self.linear(states).squeeze(-1).float()
+
+
+class PMValue(torch.nn.Module):
+    """V(state) from a separate model initialised from the PM (`ppo.value_model=pm`): the PM's
+    backbone and head read at every answer position."""
+
+    def __init__(self, pm_model):
+        super().__init__()
+        self.model = pm_model
+
+    def forward(self, rollout: Rollout) -> torch.Tensor:
+        backbone = getattr(self.model, self.model.base_model_prefix)
+        hidden = backbone(input_ids=rollout.input_ids).last_hidden_state
+        positions = answer_positions(rollout.answer_start, rollout.mask.shape[1]).clamp(
+            max=hidden.shape[1] - 1
+        )
+        rows = torch.arange(len(positions), device=hidden.device)[:, None]
+        return self.model.score(hidden[rows, positions]).squeeze(-1).float()
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. The Lightning module
+
+
+class PPOModule(pl.LightningModule):
+    def __init__(self, policy, reference, value, engine, reward_fn, tokenizer, prompts, cfg):
+        super().__init__()
+        self.automatic_optimization = False
+        self.policy, self.reference, self.value = policy, reference, value
+        self.engine, self.reward_fn, self.tokenizer = engine, reward_fn, tokenizer
+        self.prompts = prompts  # list of (kind, text, prompt text for the policy)
+        self.ppo = cfg
+        self.kl = (
+            AdaptiveKLController(float(cfg.kl_coef), float(cfg.kl_target), int(cfg.kl_horizon))
+            if cfg.adaptive_kl
+            else None
+        )
+        self.kl_coef = float(cfg.kl_coef)
+        self.sequences = 0  # training sequences seen (the x axis of Figure 8)
+        self.snapshots: list[int] = sorted(int(s) for s in cfg.snapshot_sequences)
+        self.snapshot_dir: Path | None = None
+        self.reference.requires_grad_(False)
+
+    # -- 1. rollout ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def rollout(self, indices: list[int]) -> Rollout:
+        chosen = [self.prompts[i] for i in indices]
+        self.policy.eval()
+        generations = self.engine.generate(
+            [
+                Request(
+                    text,
+                    max_new_tokens=int(self.ppo.max_new_tokens),
+                    temperature=float(self.ppo.temperature),
+                    seed=hash((self.global_step, i)) % 2**31,
+                )
+                for i, (_, _, text) in zip(indices, chosen, strict=True)
+            ],
+            desc="ppo rollout",
+        )
+        self.policy.train()
+        rows, starts, ended = [], [], []
+        for (_, _, prompt_text), g in zip(chosen, generations, strict=True):
+            prompt_ids = self.tokenizer(prompt_text, add_special_tokens=False).input_ids
+            # the sampled tokens themselves (re-tokenising the text could differ from them)
+            answer_ids = (
+                list(g.token_ids) or self.tokenizer(g.text, add_special_tokens=False).input_ids
+            )
+            stop = g.finish_reason == "stop"
+            if stop:
+                answer_ids = answer_ids + [self.tokenizer.eos_token_id]
+            answer_ids = answer_ids[: int(self.ppo.max_new_tokens) + 1] or [
+                self.tokenizer.eos_token_id
+            ]
+            rows.append(prompt_ids + answer_ids)
+            starts.append(len(prompt_ids))
+            ended.append(stop)
+        width = max(len(r) for r in rows)
+        length = max(len(r) - s for r, s in zip(rows, starts, strict=True))
+        input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), length)
+        for i, (r, s) in enumerate(zip(rows, starts, strict=True)):
+            input_ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r) - s] = 1.0
+        return Rollout(
+            [c[1] for c in chosen],
+            [g.text for g in generations],
+            input_ids.to(self.device),
+            torch.tensor(starts, device=self.device),
+            mask.to(self.device),
+            ended,
+        )
+
+    def values_of(self, rollout: Rollout, states: torch.Tensor) -> torch.Tensor:
+        return self.value(states) if isinstance(self.value, ValueHead) else self.value(rollout)
+
+    # -- one PPO iteration -----------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        ppo = self.ppo
+        started = time.perf_counter()
+        # 1. rollout
+        rollout = self.rollout(batch.tolist())
+        rollout_s = time.perf_counter() - started
+        # 2. score with the PM; optional penalty for answers that never end
+        scores = torch.tensor(self.reward_fn(rollout.prompts, rollout.answers), device=self.device)
+        if ppo.no_eos_penalty is not None:
+            ended = torch.tensor(rollout.ended, device=self.device)
+            scores = torch.where(ended, scores, torch.full_like(scores, float(ppo.no_eos_penalty)))
+        score_s = time.perf_counter() - started - rollout_s
+        # 3. old log-probabilities, values, reference log-probabilities; KL-shaped rewards
+        with torch.no_grad():
+            old_logprobs, states = token_logprobs_and_hidden(self.policy, rollout)
+            old_values = self.values_of(rollout, states) * rollout.mask
+            ref_logprobs, _ = token_logprobs_and_hidden(self.reference, rollout)
+            rewards, kl = kl_shaped_rewards(
+                scores, old_logprobs, ref_logprobs, rollout.mask, self.kl_coef
+            )
+            # 4. advantages (GAE), whitened
+            advantages, returns = gae(
+                rewards, old_values, rollout.mask, float(ppo.gamma), float(ppo.lam)
+            )
+            advantages = whiten(advantages, rollout.mask)
+        # 5. K epochs over minibatches
+        optimizer = self.optimizers()
+        stats = {"policy": [], "value": [], "clipfrac": [], "approxkl": [], "vf_clipfrac": []}
+        size = len(rollout.prompts)
+        minibatch = max(1, min(int(ppo.minibatch_size), size))
+        for _epoch in range(int(ppo.epochs)):
+            order = torch.randperm(size, generator=torch.Generator().manual_seed(self.global_step))
+            for start in range(0, size, minibatch):
+                idx = order[start : start + minibatch].to(self.device)
+                part = _select(rollout, idx)
+                logprobs, part_states = token_logprobs_and_hidden(self.policy, part)
+                values = self.values_of(part, part_states)
+                pg_loss, clipfrac, approxkl = policy_loss(
+                    logprobs, old_logprobs[idx], advantages[idx], part.mask, float(ppo.clip)
+                )
+                vf_loss, vf_clipfrac = value_loss(
+                    values, old_values[idx], returns[idx], part.mask, float(ppo.value_clip)
+                )
+                loss = pg_loss + float(ppo.vf_coef) * vf_loss
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"PPO loss became {float(loss)} at step {self.global_step}: lower "
+                        "ppo.lr, or check the PM scores."
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                self.manual_backward(loss)
+                if ppo.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(self._trainable(), float(ppo.max_grad_norm))
+                optimizer.step()
+                for key, value in (
+                    ("policy", pg_loss),
+                    ("value", vf_loss),
+                    ("clipfrac", clipfrac),
+                    ("approxkl", approxkl),
+                    ("vf_clipfrac", vf_clipfrac),
+                ):
+                    stats[key].append(float(value.detach()))
+        # 6. metrics (TRL's names), KL control, stability check, snapshots
+        mean_kl = float((kl.sum(1)).mean())
+        if not math.isfinite(mean_kl) or mean_kl > float(ppo.max_kl):
+            raise TrainingDiverged(
+                f"KL(policy || SL-CAI) = {mean_kl:.2f} nats at step {self.global_step}, beyond "
+                f"ppo.max_kl={ppo.max_kl}: lower ppo.lr or raise ppo.kl_coef."
+            )
+        if self.kl is not None:
+            self.kl_coef = self.kl.update(mean_kl, size)
+        self.sequences += size * int(self.trainer.world_size)
+        refusals = sum(any(r in a.lower() for r in REFUSALS) for a in rollout.answers)
+        metrics = {
+            "objective/kl": mean_kl,
+            "objective/scores": float(scores.mean()),
+            "objective/rlhf_reward": float(scores.mean()) - self.kl_coef * mean_kl,
+            "objective/kl_coef": self.kl_coef,
+            "policy/approxkl_avg": _mean(stats["approxkl"]),
+            "policy/clipfrac_avg": _mean(stats["clipfrac"]),
+            "loss/policy_avg": _mean(stats["policy"]),
+            "loss/value_avg": _mean(stats["value"]),
+            "val/clipfrac_avg": _mean(stats["vf_clipfrac"]),
+            "val/num_eos_tokens": float(sum(rollout.ended)),
+            "answers/mean_tokens": float(rollout.mask.sum(1).mean()),
+            "answers/refusal_rate": refusals / size,
+            "train/sequences": float(self.sequences),
+            "time/rollout_s": rollout_s,
+            "time/score_s": score_s,
+            "time/update_s": time.perf_counter() - started - rollout_s - score_s,
+        }
+        self.log_dict(metrics, prog_bar=False, batch_size=size)
+        self.history.append(metrics)
+        self._maybe_snapshot()
+
+    def _trainable(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def _maybe_snapshot(self):
+        while self.snapshots and self.sequences >= self.snapshots[0]:
+            target = self.snapshots.pop(0)
+            if self.snapshot_dir is not None and self.trainer.is_global_zero:
+                folder = self.snapshot_dir / f"seq_{target:08d}"
+                if not folder.is_dir():
+                    save_policy(self.policy, self.tokenizer, folder)
+
+    def on_fit_start(self):
+        self.history = getattr(self, "history", [])
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(
+            self._trainable(), lr=float(self.ppo.lr), betas=tuple(self.ppo.betas), weight_decay=0.0
+        )
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["cai_ppo"] = {
+            "sequences": self.sequences,
+            "kl_coef": self.kl_coef,
+            "snapshots": self.snapshots,
+        }
+
+    def on_load_checkpoint(self, checkpoint):
+        state = checkpoint.get("cai_ppo", {})
+        self.sequences = state.get("sequences", 0)
+        self.kl_coef = state.get("kl_coef", self.kl_coef)
+        self.snapshots = state.get("snapshots", self.snapshots)
+        if self.kl is not None:
+            self.kl.value = self.kl_coef
+
+
+def _select(rollout: Rollout, idx: torch.Tensor) -> Rollout:
+    keep = idx.tolist()
+    return Rollout(
+        [rollout.prompts[i] for i in keep],
+        [rollout.answers[i] for i in keep],
+        rollout.input_ids[idx],
+        rollout.answer_start[idx],
+        rollout.mask[idx],
+        [rollout.ended[i] for i in keep],
+    )
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def save_policy(policy, tokenizer, folder: Path) -> None:
+    """save_pretrained into a temporary folder, then rename: never a half-written snapshot."""
+    import shutil
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(folder)
+
+
+class PromptBatches(pl.LightningDataModule):
+    """`ppo.steps` batches of prompt indices, seeded, sharded by rank."""
+
+    def __init__(self, num_prompts: int, steps: int, batch_size: int, seed: int):
+        super().__init__()
+        self.num_prompts, self.steps, self.batch_size, self.seed = (
+            num_prompts,
+            steps,
+            batch_size,
+            seed,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = (
+            (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        )
+        rng = random.Random(f"{self.seed}/ppo/{rank}")
+        batches = [
+            torch.tensor([rng.randrange(self.num_prompts) for _ in range(self.batch_size)])
+            for _ in range(self.steps)
+        ]
+        return DataLoader(batches, batch_size=None)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. The pipeline stage
+
+
+def ppo_prompts(cfg: DictConfig, tokenizer, prompt_format: str) -> list[tuple[str, str, str]]:
+    """(kind, request, policy prompt) for the train split, mixed at `ppo.prompt_mix` red-team
+    prompts per prompt (the rest helpfulness)."""
+    from cai.critique import _load_inputs
+
+    _, prompt_set = _load_inputs(cfg)
+    train = prompt_set.split("train")
+    red = [("red_team", p.text) for p in train.red_team]
+    helpful = [("helpful", p.text) for p in train.helpful]
+    mix = float(cfg.ppo.prompt_mix)
+    if not 0.0 <= mix <= 1.0:
+        raise ConfigError(f"ppo.prompt_mix={mix}: a fraction of red-team prompts in [0, 1].")
+    if mix < 1.0 and helpful and red:
+        wanted = round(len(red) * (1 - mix) / mix) if mix > 0 else len(helpful)
+        helpful = helpful[: max(1, wanted)]
+    chosen = (red if mix > 0 else []) + (helpful if mix < 1 else [])
+    if not chosen:
+        raise ConfigError("No PPO prompts: check data.* and ppo.prompt_mix.")
+    return [(k, t, answer_prompt(tokenizer, t, prompt_format)) for k, t in chosen]
+
+
+def check_settings(cfg: DictConfig) -> None:
+    ppo = cfg.ppo
+    if ppo.value_model not in ("head", "pm"):
+        raise ConfigError(f"ppo.value_model={ppo.value_model!r}: use head or pm.")
+    if not 0 < float(ppo.clip) < 1:
+        raise ConfigError(f"ppo.clip={ppo.clip}: use a value in (0, 1) (paper: 0.2).")
+    if int(ppo.steps) < 1 or int(ppo.batch_size) < 1:
+        raise ConfigError("ppo.steps and ppo.batch_size must be >= 1.")
+
+
+def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) -> dict:
+    """ppo: RL-CAI from SL-CAI against the PM; final policy in `work_dir/model`, snapshots in
+    `work_dir/snapshots/seq_<n>`, metrics per iteration in metrics.jsonl."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from cai.artifacts import write_jsonl_atomic
+    from cai.generation.hf import HFEngine
+    from cai.loggers import build_loggers
+    from cai.modules.pm import PreferenceModel, answer_turns
+    from cai.modules.sft import load_sft_model
+
+    check_settings(cfg)
+    ppo = cfg.ppo
+    policy, tokenizer = load_sft_model(upstream["sft"], dtype="float32")
+    reference, _ = load_sft_model(upstream["sft"], dtype="float32")
+    reference.eval()
+    pm = PreferenceModel.load(upstream["pm"].path / "model")
+    if ppo.value_model == "head":
+        value = ValueHead(policy.config.hidden_size)
+    else:
+        value = PMValue(PreferenceModel.load(upstream["pm"].path / "model").model)
+        value.train()
+
+    def reward_fn(prompts: list[str], answers: list[str]) -> list[float]:
+        return pm.score([answer_turns(p, a) for p, a in zip(prompts, answers, strict=True)])
+
+    prompts = ppo_prompts(cfg, tokenizer, cfg.model.prompt_format)
+    engine = HFEngine(policy, tokenizer, batch_size=int(cfg.generation.batch_size), progress=False)
+    module = PPOModule(policy, reference, value, engine, reward_fn, tokenizer, prompts, ppo)
+    module.snapshot_dir = work_dir / "snapshots"
+    module.snapshot_dir.mkdir(parents=True, exist_ok=True)
+    checkpoints = work_dir / "checkpoints"
+    pl.seed_everything(int(cfg.seed), workers=True)
+    trainer_cfg = OmegaConf.merge(cfg.trainer, {"precision": "32-true"})  # rollouts need fp32
+    trainer = instantiate(
+        trainer_cfg,
+        gradient_clip_val=None,
+        max_steps=-1,  # one epoch over ppo.steps prompt batches = ppo.steps iterations
+        max_epochs=1,
+        logger=build_loggers(cfg.logger),
+        callbacks=[
+            ModelCheckpoint(
+                dirpath=checkpoints,
+                save_last=True,
+                every_n_train_steps=int(ppo.checkpoint_every),
+                save_top_k=0,
+            )
+        ],
+    )
+    resume = checkpoints / "last.ckpt"
+    resumed = resume.is_file()
+    module.history = []
+    started = time.perf_counter()
+    trainer.fit(
+        module,
+        datamodule=PromptBatches(len(prompts), int(ppo.steps), int(ppo.batch_size), int(cfg.seed)),
+        ckpt_path=str(resume) if resumed else None,
+    )
+    wall = time.perf_counter() - started
+    save_policy(policy, tokenizer, work_dir / "model")
+    write_jsonl_atomic(work_dir / "metrics.jsonl", module.history)
+    write_json_atomic(
+        work_dir / "snapshots.json",
+        sorted(p.name for p in (work_dir / "snapshots").glob("seq_*") if p.is_dir()),
+    )
+    import shutil
+
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    first, last = (
+        module.history[0] if module.history else {},
+        module.history[-1] if module.history else {},
+    )
+    return {
+        "steps": trainer.global_step,
+        "sequences": module.sequences,
+        "resumed": resumed,
+        "fit_wall_s": round(wall, 2),
+        "first": first,
+        "last": last,
+        "snapshots": sorted(p.name for p in (work_dir / "snapshots").glob("seq_*")),
+        "prompts": {k: sum(1 for p in prompts if p[0] == k) for k in ("red_team", "helpful")},
+    }

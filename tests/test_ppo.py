@@ -1,0 +1,141 @@
+"""PPO on the tiny model: a toy reward rises, KL stays finite, parameters change; the stage."""
+
+import copy
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from cai.config import CONF_DIR
+
+
+@pytest.fixture
+def tiny_policy():
+    from cai.config import compose
+    from cai.models import load_model
+
+    cfg = compose(["model=tiny"])
+    return load_model(cfg.model, cfg.paths.cache_dir, dtype="float32")
+
+
+def test_ppo_raises_a_toy_reward(tiny_policy, tmp_path):
+    """Toy reward: how often the word "Exodus" appears in the answer. The random tiny model's
+    final norm is scaled up so its next-token distribution is peaked (a uniform one over 49k
+    tokens would almost never sample the word); PPO should then make it frequent while the KL
+    to the reference stays finite."""
+    import pytorch_lightning as pl
+
+    from cai.generation.hf import HFEngine
+    from cai.modules.ppo import PPOModule, PromptBatches, ValueHead
+
+    policy, tokenizer = tiny_policy
+    with torch.no_grad():
+        policy.model.norm.weight.mul_(25)
+    reference = copy.deepcopy(policy).eval()
+
+    def reward(prompts, answers):
+        return [a.count("Exodus") / 8 for a in answers]
+
+    ppo = OmegaConf.merge(
+        OmegaConf.load(CONF_DIR / "ppo" / "default.yaml"),
+        {
+            "lr": 1e-3,
+            "max_new_tokens": 12,
+            "batch_size": 16,
+            "minibatch_size": 8,
+            "snapshot_sequences": [64, 160],
+        },
+    )
+    prompts = [("red_team", f"q{i}", f"Question {i}?") for i in range(16)]
+    value = ValueHead(policy.config.hidden_size)
+    before_policy = {k: v.clone() for k, v in policy.state_dict().items()}
+    module = PPOModule(
+        policy,
+        reference,
+        value,
+        HFEngine(policy, tokenizer, 16, progress=False),
+        reward,
+        tokenizer,
+        prompts,
+        ppo,
+    )
+    module.snapshot_dir = tmp_path
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+    )
+    trainer.fit(module, datamodule=PromptBatches(len(prompts), 10, 16, seed=0))
+    scores = [h["objective/scores"] for h in module.history]
+    assert len(scores) == 10
+    assert sum(scores[-4:]) / 4 > sum(scores[:2]) / 2 + 0.3
+    assert all(torch.isfinite(torch.tensor(h["objective/kl"])) for h in module.history)
+    assert any(not torch.equal(before_policy[k], v) for k, v in policy.state_dict().items())
+    assert float(value.linear.weight.abs().sum()) > 0  # the value head (zero at start) learned
+    assert module.sequences == 160
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["seq_00000064", "seq_00000160"]
+    for name in (
+        "objective/rlhf_reward",
+        "policy/approxkl_avg",
+        "policy/clipfrac_avg",
+        "loss/policy_avg",
+        "loss/value_avg",
+        "val/num_eos_tokens",
+    ):
+        assert name in module.history[-1]
+
+
+SMALL = [
+    "model=tiny",
+    "data.max_red_team=6",
+    "data.max_helpful=3",
+    "sl.generate_revisions=1",
+    "sl.num_revisions=1",
+    "sl.max_answer_tokens=8",
+    "sl.max_critique_tokens=6",
+    "sl.max_revision_tokens=8",
+    "generation.progress=false",
+    "sft.batch_size=4",
+    "trainer.enable_progress_bar=false",
+    "logger=none",
+    "pairs.max_new_tokens=10",
+    "pm.batch_size=4",
+    "pm.max_eval=4",
+    "pm.max_hhh=4",
+    "ppo.steps=3",
+    "ppo.batch_size=4",
+    "ppo.max_new_tokens=8",
+    "ppo.snapshot_sequences=[4,8]",
+]
+
+
+@pytest.mark.parametrize("value_model", ["head", "pm"])
+def test_ppo_stage_writes_the_policy_snapshots_and_metrics(make_cfg, value_model):
+    from transformers import AutoModelForCausalLM
+
+    from cai.artifacts import read_jsonl
+    from cai.pipeline import run
+
+    cfg = make_cfg(
+        *SMALL,
+        f"ppo.value_model={value_model}",
+        "pipeline.stages=[generate_sl,sft,generate_pairs,feedback,pm,ppo]",
+    )
+    artifact = run(cfg)["ppo"]
+    metrics = artifact.manifest["metrics"]
+    assert metrics["steps"] == 3 * 2 and metrics["sequences"] == 12  # 2 epochs x 1 minibatch
+    assert metrics["snapshots"] == ["seq_00000004", "seq_00000008"]
+    for folder in ["model", "snapshots/seq_00000004"]:
+        assert AutoModelForCausalLM.from_pretrained(artifact.path / folder).config.vocab_size
+    assert len(read_jsonl(artifact.file("metrics.jsonl"))) == 3
+    assert not (artifact.path / "checkpoints").exists()
+
+
+def test_bad_ppo_settings_stop_before_any_work(make_cfg):
+    from cai.errors import ConfigError
+    from cai.pipeline import run
+
+    with pytest.raises(ConfigError, match="ppo.value_model"):
+        run(make_cfg(*SMALL, "ppo.value_model=magic", "pipeline.stages=[generate_sl,ppo]"))
