@@ -1,4 +1,4 @@
-"""GPU paths: generation and scoring on CUDA, a bf16 training step, the DDP strategy.
+"""GPU paths: generation and scoring on CUDA, bf16 SFT and PM training, PPO, the DDP strategy.
 
 Skipped without a CUDA GPU (CI has none); run on a GPU machine with
 `python -m pytest -q tests/test_gpu.py`. `CAI_GPU_MODEL` may name a local model folder to use
@@ -66,7 +66,7 @@ def test_scoring_on_cuda_matches_a_plain_forward_pass(tiny_cuda):
 
 
 @pytest.mark.parametrize("trainer", ["gpu", "ddp"])
-def test_sft_trains_in_bf16_on_the_gpu(make_cfg, trainer):
+def test_training_stages_run_on_the_gpu(make_cfg, trainer):
     from transformers import AutoModelForCausalLM
 
     from cai.pipeline import run
@@ -87,7 +87,12 @@ def test_sft_trains_in_bf16_on_the_gpu(make_cfg, trainer):
         "sft.warmup_steps=1",
         "trainer.enable_progress_bar=false",
         "logger=none",
-        "pipeline.stages=[generate_sl,sft,generate_pairs,feedback]",
+        "pm.batch_size=4",
+        "ppo.steps=2",
+        "ppo.batch_size=4",
+        "ppo.max_new_tokens=8",
+        "ppo.snapshot_sequences=[4]",
+        "pipeline.stages=[generate_sl,sft,generate_pairs,feedback,pm,ppo]",
     )
     artifacts = run(cfg)
     metrics = artifacts["sft"].manifest["metrics"]
@@ -95,3 +100,7 @@ def test_sft_trains_in_bf16_on_the_gpu(make_cfg, trainer):
     trained = AutoModelForCausalLM.from_pretrained(artifacts["sft"].path / "model")
     assert trained.config.num_hidden_layers >= 1
     assert artifacts["feedback"].manifest["metrics"]["comparisons"] >= 1
+    assert artifacts["pm"].manifest["metrics"]["steps"] >= 1
+    ppo = artifacts["ppo"].manifest["metrics"]
+    assert ppo["sequences"] == 8 and ppo["snapshots"] == ["seq_00000004"]
+    assert torch.isfinite(torch.tensor(ppo["last"]["objective/kl"]))

@@ -21,11 +21,15 @@ def test_main_command_on_the_embedded_model(tmp_path: Path):
         "pairs.max_new_tokens=8",
         "pm.max_eval=4",
         "pm.max_hhh=4",
+        "ppo.steps=1",
+        "ppo.batch_size=2",
+        "ppo.max_new_tokens=4",
+        "ppo.snapshot_sequences=[2]",
     ]
     done = run_train(args, tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     log = next((tmp_path / "outputs" / "runs").glob("*/*/train.log")).read_text()
-    stages = ["generate_sl", "sft", "generate_pairs", "feedback", "pm"]
+    stages = ["generate_sl", "sft", "generate_pairs", "feedback", "pm", "ppo"]
     assert f"Model smollm2_135m (gguf_wheel), stages: {stages}" in log
     summary = json.loads(
         next((tmp_path / "outputs" / "runs").glob("*/*/pipeline_summary.json")).read_text()
@@ -44,13 +48,16 @@ def test_main_command_on_the_embedded_model(tmp_path: Path):
     again = run_train(args, tmp_path, timeout=600)  # second run: everything reused
     assert again.returncode == 0
     summaries = sorted((tmp_path / "outputs" / "runs").glob("*/*/pipeline_summary.json"))
-    assert [row["built"] for row in json.loads(summaries[-1].read_text())] == [False] * 5
+    assert [row["built"] for row in json.loads(summaries[-1].read_text())] == [False] * 6
     labels = (Path(summary[3]["path"]) / "labels.jsonl").read_text().splitlines()
     assert len(labels) == 3  # one soft label per red-team and helpfulness prompt
     from cai.modules.pm import PreferenceModel
 
     pm = PreferenceModel.load(Path(summary[4]["path"]) / "model")
     assert len(pm.score(["\n\nHuman: hi\n\nAssistant: hello"])) == 1
+    rl_cai = Path(summary[5]["path"])
+    assert (rl_cai / "snapshots" / "seq_00000002" / "model.safetensors").is_file()
+    assert AutoModelForCausalLM.from_pretrained(rl_cai / "model").config.num_hidden_layers == 30
 
 
 def test_smoke_experiment(tmp_path: Path):

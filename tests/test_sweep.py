@@ -20,6 +20,9 @@ TINY_SL = [
     "pairs.max_new_tokens=6",
     "pm.max_eval=4",
     "pm.max_hhh=4",
+    "ppo.steps=1",
+    "ppo.batch_size=2",
+    "ppo.max_new_tokens=4",
 ]
 
 
@@ -55,7 +58,7 @@ def test_size_sweep_with_tiny_stand_ins_runs_the_stages(tmp_path: Path):
     assert len(keys) == 2 and keys[0] != keys[1]  # one artifact per model size
     assert all(
         [row["stage"] for row in json.loads(p.read_text())]
-        == ["generate_sl", "sft", "generate_pairs", "feedback", "pm"]
+        == ["generate_sl", "sft", "generate_pairs", "feedback", "pm", "ppo"]
         for p in summaries
     )
     manifests = list((tmp_path / "outputs" / "artifacts" / "generate_sl").glob("*/manifest.json"))
