@@ -68,7 +68,6 @@ class HFEngine(GenerationEngine):
         self.batch_size = batch_size
         self.use_prefix_cache = prefix_cache
         self.progress = progress
-        self.device = next(model.parameters()).device
         self._prefixes: dict[str, PrefixCache] = {}
         self.stats = {"prefill_tokens": 0, "generated_tokens": 0, "reused_tokens": 0, "wall_s": 0.0}
         stop_ids = {tokenizer.eos_token_id}
@@ -77,6 +76,11 @@ class HFEngine(GenerationEngine):
             if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
                 stop_ids.add(token_id)
         self.stop_token_ids = {i for i in stop_ids if i is not None}
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model is now (a trainer may move it after the engine was built)."""
+        return next(self.model.parameters()).device
 
     # -----------------------------------------------------------------------------------------
     def generate(

@@ -184,7 +184,10 @@ class PreferenceModel:
     def __init__(self, model, tokenizer, prompt_format: str, batch_size: int = 16):
         self.model, self.tokenizer, self.format = model, tokenizer, prompt_format
         self.batch_size = batch_size
-        self.device = next(model.parameters()).device
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
     @classmethod
     def load(cls, folder: str | Path, dtype: str = "float32", device: str = "cpu"):

@@ -425,7 +425,12 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
     policy, tokenizer = load_sft_model(upstream["sft"], dtype="float32")
     reference, _ = load_sft_model(upstream["sft"], dtype="float32")
     reference.eval()
-    pm = PreferenceModel.load(upstream["pm"].path / "model")
+    from cai.generation import resolve_device
+
+    device = resolve_device(str(cfg.generation.get("device", "auto")))
+    if cfg.trainer.accelerator == "cpu":
+        device = "cpu"
+    pm = PreferenceModel.load(upstream["pm"].path / "model", device=device)
     if ppo.value_model == "head":
         value = ValueHead(policy.config.hidden_size)
     else:
