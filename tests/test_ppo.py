@@ -3,6 +3,7 @@
 import copy
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 
@@ -139,3 +140,70 @@ def test_bad_ppo_settings_stop_before_any_work(make_cfg):
 
     with pytest.raises(ConfigError, match="ppo.value_model"):
         run(make_cfg(*SMALL, "ppo.value_model=magic", "pipeline.stages=[generate_sl,ppo]"))
+
+
+def exodus_reward(prompts, answers):  # module level: picklable for spawned processes
+    return [a.count("Exodus") / 8 for a in answers]
+
+
+class ParameterSums(pl.Callback):
+    """Writes each rank's policy parameter sum at the end of training."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def on_train_end(self, trainer, module):
+        total = sum(float(p.double().sum()) for p in module.policy.parameters())
+        (self.folder / f"rank{trainer.global_rank}.txt").write_text(f"{total!r} {module.sequences}")
+
+
+def test_ppo_update_on_two_processes_stays_in_sync(tiny_policy, tmp_path):
+    """trainer strategy ddp on 2 CPU processes (gloo): each rank rolls out its own prompts, the
+    gradients are averaged, so both ranks end with the same, changed, policy."""
+    import pytorch_lightning as pl
+
+    from cai.generation.hf import HFEngine
+    from cai.modules.ppo import PPOModule, PromptBatches, ValueHead
+
+    policy, tokenizer = tiny_policy
+    with torch.no_grad():
+        policy.model.norm.weight.mul_(25)
+    initial = sum(float(p.double().sum()) for p in policy.parameters())
+    ppo = OmegaConf.merge(
+        OmegaConf.load(CONF_DIR / "ppo" / "default.yaml"),
+        {
+            "lr": 1e-3,
+            "max_new_tokens": 8,
+            "batch_size": 4,
+            "minibatch_size": 4,
+            "snapshot_sequences": [],
+        },
+    )
+    prompts = [("red_team", f"q{i}", f"Question {i}?") for i in range(8)]
+    module = PPOModule(
+        policy,
+        copy.deepcopy(policy).eval(),
+        ValueHead(policy.config.hidden_size),
+        HFEngine(policy, tokenizer, 8, progress=False),
+        exodus_reward,
+        tokenizer,
+        prompts,
+        ppo,
+    )
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        use_distributed_sampler=False,
+        callbacks=[ParameterSums(tmp_path)],
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, datamodule=PromptBatches(len(prompts), 6, 4, seed=0))
+    ranks = [(tmp_path / f"rank{r}.txt").read_text().split() for r in (0, 1)]
+    assert ranks[0] == ranks[1]  # the same policy on both processes
+    assert float(ranks[0][0]) != pytest.approx(initial, abs=1e-3)  # and it was updated
+    assert int(ranks[0][1]) == 6 * 4 * 2  # sequences counted over both processes
