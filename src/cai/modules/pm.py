@@ -203,6 +203,16 @@ class PreferenceModel:
         settings = json.loads((folder / "pm_settings.json").read_text())
         return cls(model, AutoTokenizer.from_pretrained(folder), settings["prompt_format"])
 
+    def _autocast(self):
+        """bf16 autocast for fp32 weights where the hardware has bf16 (2x faster on this CPU)."""
+        import contextlib
+
+        from cai.models import bf16_supported
+
+        if self.model.dtype == torch.float32 and bf16_supported():
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def encode(self, dialogue) -> list[int]:
         turns = transcript_turns(dialogue) if isinstance(dialogue, str) else dialogue
         text = dialogue_text(self.tokenizer, turns, self.format)
@@ -223,7 +233,8 @@ class PreferenceModel:
             for row, i in enumerate(batch):
                 ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
             last = torch.tensor([len(encoded[i]) - 1 for i in batch])
-            values = rewards(self.model, ids.to(self.device), last.to(self.device)).cpu()
+            with self._autocast():
+                values = rewards(self.model, ids.to(self.device), last.to(self.device)).cpu()
             for row, i in enumerate(batch):
                 out[i] = float(values[row])
         return out
