@@ -207,3 +207,28 @@ def test_ppo_update_on_two_processes_stays_in_sync(tiny_policy, tmp_path):
     assert ranks[0] == ranks[1]  # the same policy on both processes
     assert float(ranks[0][0]) != pytest.approx(initial, abs=1e-3)  # and it was updated
     assert int(ranks[0][1]) == 6 * 4 * 2  # sequences counted over both processes
+
+
+def test_a_killed_ppo_run_resumes_from_its_checkpoint(make_cfg, monkeypatch):
+    """An exception after the second iteration (its checkpoint written), then the same command
+    again: the run continues from iteration 3 and ends where an uninterrupted one would."""
+    from cai.artifacts import read_jsonl
+    from cai.modules.ppo import PPOModule
+    from cai.pipeline import run
+
+    cfg = make_cfg(*SMALL, "pipeline.stages=[generate_sl,sft,generate_pairs,feedback,pm,ppo]")
+    original = PPOModule.on_train_batch_end if hasattr(PPOModule, "on_train_batch_end") else None
+
+    def crash(self, outputs, batch, batch_idx):
+        if self.sequences >= 8:
+            raise RuntimeError("killed")
+
+    monkeypatch.setattr(PPOModule, "on_train_batch_end", crash, raising=False)
+    with pytest.raises(RuntimeError, match="killed"):
+        run(cfg)
+    monkeypatch.undo()
+    assert original is None or PPOModule.on_train_batch_end is original
+    artifact = run(cfg)["ppo"]
+    metrics = artifact.manifest["metrics"]
+    assert metrics["resumed"] and metrics["sequences"] == 12
+    assert len(read_jsonl(artifact.file("metrics.jsonl"))) == 3

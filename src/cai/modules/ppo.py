@@ -298,7 +298,8 @@ class PPOModule(pl.LightningModule):
                     save_policy(self.policy, self.tokenizer, folder)
 
     def on_fit_start(self):
-        self.history = getattr(self, "history", [])
+        if not getattr(self, "_restored_history", False):
+            self.history = getattr(self, "history", [])
 
     def configure_optimizers(self):
         return torch.optim.AdamW(
@@ -310,6 +311,7 @@ class PPOModule(pl.LightningModule):
             "sequences": self.sequences,
             "kl_coef": self.kl_coef,
             "snapshots": self.snapshots,
+            "history": self.history,
         }
 
     def on_load_checkpoint(self, checkpoint):
@@ -317,6 +319,8 @@ class PPOModule(pl.LightningModule):
         self.sequences = state.get("sequences", 0)
         self.kl_coef = state.get("kl_coef", self.kl_coef)
         self.snapshots = state.get("snapshots", self.snapshots)
+        self.history = state.get("history", [])
+        self._restored_history = True
         if self.kl is not None:
             self.kl.value = self.kl_coef
 
