@@ -1,6 +1,7 @@
 """PPO on the tiny model: a toy reward rises, KL stays finite, parameters change; the stage."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -232,3 +233,15 @@ def test_a_killed_ppo_run_resumes_from_its_checkpoint(make_cfg, monkeypatch):
     metrics = artifact.manifest["metrics"]
     assert metrics["resumed"] and metrics["sequences"] == 12
     assert len(read_jsonl(artifact.file("metrics.jsonl"))) == 3
+
+
+def test_kl_beyond_the_bound_stops_with_a_message(make_cfg):
+    from cai.modules.ppo import TrainingDiverged
+    from cai.pipeline import run
+
+    cfg = make_cfg(
+        *SMALL, "ppo.max_kl=-1", "pipeline.stages=[generate_sl,sft,generate_pairs,feedback,pm,ppo]"
+    )
+    with pytest.raises(TrainingDiverged, match="beyond ppo.max_kl=-1"):
+        run(cfg)
+    assert not list((Path(cfg.paths.artifact_dir) / "ppo").glob("*/manifest.json"))
