@@ -33,6 +33,25 @@ def data_dir() -> Path:
     return found
 
 
+# The whole pipeline on the random tiny model, shrunk to seconds (tests extend it per stage).
+TINY_STAGES = [
+    "model=tiny",
+    "data.max_red_team=6",
+    "data.max_helpful=3",
+    "sl.generate_revisions=1",
+    "sl.num_revisions=1",
+    "sl.max_answer_tokens=8",
+    "sl.max_critique_tokens=6",
+    "sl.max_revision_tokens=8",
+    "generation.progress=false",
+    "sft.batch_size=4",
+    "trainer.enable_progress_bar=false",
+    "logger=none",
+    "pairs.max_new_tokens=10",
+    "pm.batch_size=4",
+]
+
+
 def path_overrides(tmp: Path) -> list[str]:
     """Send every output of a run under `tmp` (the model cache stays shared)."""
     return [

@@ -4,6 +4,7 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import TINY_STAGES
 
 from cai.constitution import load_constitution
 from cai.errors import ConfigError
@@ -167,22 +168,7 @@ def test_real_tokenizer_options_have_several_tokens():
 # ---------------------------------------------------------------------------------------------
 # The stages on the tiny model
 
-SMALL = [
-    "model=tiny",
-    "data.max_red_team=5",
-    "data.max_helpful=2",
-    "sl.generate_revisions=1",
-    "sl.num_revisions=1",
-    "sl.max_answer_tokens=8",
-    "sl.max_critique_tokens=6",
-    "sl.max_revision_tokens=8",
-    "generation.progress=false",
-    "sft.batch_size=4",
-    "trainer.enable_progress_bar=false",
-    "logger=none",
-    "pairs.max_new_tokens=10",
-    "feedback.chunk_size=2",
-]
+SMALL = [*TINY_STAGES, "feedback.chunk_size=2"]
 
 
 def test_pairs_and_feedback_write_soft_labels(make_cfg):
@@ -192,16 +178,16 @@ def test_pairs_and_feedback_write_soft_labels(make_cfg):
     cfg = make_cfg(*SMALL, "pipeline.stages=[generate_sl,sft,generate_pairs,feedback]")
     artifacts = run(cfg)
     pairs = read_jsonl(artifacts["generate_pairs"].file("pairs.jsonl"))
-    assert len(pairs) == 7 and all(p["answer_a"] != p["answer_b"] for p in pairs)
-    assert [p["kind"] for p in pairs].count("helpful") == 2
+    assert len(pairs) == 9 and all(p["answer_a"] != p["answer_b"] for p in pairs)
+    assert [p["kind"] for p in pairs].count("helpful") == 3
     labels = load_labels(artifacts["feedback"])
-    assert labels.num_rows == 7
+    assert labels.num_rows == 9
     helpful = [r for r in labels if r["kind"] == "helpful"]
     assert all(r["principles"] == ["helpfulness"] for r in helpful)
     assert all(0.0 <= p <= 1.0 for p in labels["p_a"])
     assert all(len(q) == 2 for q in labels["queries"])  # swap on by default: both orders
     metrics = artifacts["feedback"].manifest["metrics"]
-    assert metrics["comparisons"] == 7 and "position_bias" in metrics
+    assert metrics["comparisons"] == 9 and "position_bias" in metrics
     assert not (artifacts["feedback"].path / "parts").exists()
     # CoT labels are clamped; the pairs and SFT artifacts are reused, not rebuilt
     cot = run(

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from conftest import TINY_STAGES
 
 from cai.errors import ConfigError
 from cai.modules.pm import (
@@ -138,20 +139,7 @@ def test_hh_rlhf_splits_are_disjoint_and_cover_the_file(data_dir):
 
 
 SMALL = [
-    "model=tiny",
-    "data.max_red_team=6",
-    "data.max_helpful=3",
-    "sl.generate_revisions=1",
-    "sl.num_revisions=1",
-    "sl.max_answer_tokens=8",
-    "sl.max_critique_tokens=6",
-    "sl.max_revision_tokens=8",
-    "generation.progress=false",
-    "sft.batch_size=4",
-    "trainer.enable_progress_bar=false",
-    "logger=none",
-    "pairs.max_new_tokens=10",
-    "pm.batch_size=4",
+    *TINY_STAGES,
     "pm.max_eval=16",
     "pm.max_human=16",
 ]

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import TINY_STAGES
 from omegaconf import OmegaConf
 
 from cai.config import CONF_DIR
@@ -90,20 +91,7 @@ def test_ppo_raises_a_toy_reward(tiny_policy, tmp_path):
 
 
 SMALL = [
-    "model=tiny",
-    "data.max_red_team=6",
-    "data.max_helpful=3",
-    "sl.generate_revisions=1",
-    "sl.num_revisions=1",
-    "sl.max_answer_tokens=8",
-    "sl.max_critique_tokens=6",
-    "sl.max_revision_tokens=8",
-    "generation.progress=false",
-    "sft.batch_size=4",
-    "trainer.enable_progress_bar=false",
-    "logger=none",
-    "pairs.max_new_tokens=10",
-    "pm.batch_size=4",
+    *TINY_STAGES,
     "pm.max_eval=4",
     "pm.max_hhh=4",
     "ppo.steps=3",

@@ -251,46 +251,41 @@ def training_comparisons(cfg: DictConfig, upstream: dict[str, Artifact]) -> tupl
 
     pm = cfg.pm
     labels = read_jsonl(upstream["feedback"].file("labels.jsonl"))
-    harmless: list[Comparison] = []
-    if pm.harmlessness == "ai":
-        harmless = [
+
+    def ai(kind: str, source: str) -> list[Comparison]:
+        """AI labels of the feedback stage for pairs of this kind (red_team, helpful)."""
+        return [
             Comparison(
                 answer_turns(r["prompt"], r["answer_a"]),
                 answer_turns(r["prompt"], r["answer_b"]),
                 r["p_a"],
-                "ai_harmless",
+                source,
             )
             for r in labels
-            if r.get("kind", "red_team") == "red_team"
+            if r.get("kind", "red_team") == kind
         ]
-    elif pm.harmlessness == "human":
-        human = hh_rlhf_comparisons(cfg.paths.data_dir, "harmless-base", "pm_train")
-        harmless = [
-            Comparison(transcript_turns(c), transcript_turns(r), 1.0, "human_harmless")
-            for c, r in human[: pm.max_human]
-        ]
-    elif pm.harmlessness != "none":
+
+    def human(subset: str, source: str) -> list[Comparison]:
+        """Human comparisons of hh-rlhf `subset`, split pm_train (chosen = A, p = 1)."""
+        pairs = hh_rlhf_comparisons(cfg.paths.data_dir, subset, "pm_train")[: pm.max_human]
+        return [Comparison(transcript_turns(c), transcript_turns(r), 1.0, source) for c, r in pairs]
+
+    harmlessness_sources = {
+        "ai": lambda: ai("red_team", "ai_harmless"),
+        "human": lambda: human("harmless-base", "human_harmless"),
+        "none": list,
+    }
+    helpfulness_sources = {
+        "ai": lambda: ai("helpful", "ai_helpful"),
+        "hh_rlhf": lambda: human("helpful-base", "human_helpful"),
+        "none": list,
+    }
+    if pm.harmlessness not in harmlessness_sources:
         raise ConfigError(f"pm.harmlessness={pm.harmlessness!r}: use ai, human or none.")
-    helpful: list[Comparison] = []
-    if pm.helpfulness == "ai":
-        helpful = [
-            Comparison(
-                answer_turns(r["prompt"], r["answer_a"]),
-                answer_turns(r["prompt"], r["answer_b"]),
-                r["p_a"],
-                "ai_helpful",
-            )
-            for r in labels
-            if r.get("kind") == "helpful"
-        ]
-    elif pm.helpfulness == "hh_rlhf":
-        human = hh_rlhf_comparisons(cfg.paths.data_dir, "helpful-base", "pm_train")
-        helpful = [
-            Comparison(transcript_turns(c), transcript_turns(r), 1.0, "human_helpful")
-            for c, r in human[: pm.max_human]
-        ]
-    elif pm.helpfulness != "none":
+    if pm.helpfulness not in helpfulness_sources:
         raise ConfigError(f"pm.helpfulness={pm.helpfulness!r}: use hh_rlhf, ai or none.")
+    harmless = harmlessness_sources[pm.harmlessness]()
+    helpful = helpfulness_sources[pm.helpfulness]()
     if harmless and pm.helpfulness_ratio is not None:
         keep = round(float(pm.helpfulness_ratio) * len(harmless))
         helpful = random.Random(f"{cfg.seed}/pm-mix").sample(helpful, min(keep, len(helpful)))
