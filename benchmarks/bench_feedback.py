@@ -27,7 +27,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from cai.config import load_model_preset  # noqa: E402
 from cai.constitution import load_constitution  # noqa: E402
-from cai.data import load_prompts  # noqa: E402
+from cai.data import builtin_prompts  # noqa: E402
 from cai.feedback import (  # noqa: E402
     OPTIONS,
     REASONING_STOPS,
@@ -50,17 +50,7 @@ ANSWERS = (
 
 
 def comparisons(n: int) -> list[Comparison]:
-    cfg = OmegaConf.create(
-        {
-            "source": "builtin",
-            "eval_percent": 0,
-            "shuffle_seed": 0,
-            "max_red_team": n,
-            "max_helpful": 1,
-            "max_eval": 0,
-        }
-    )
-    prompts = load_prompts(cfg).red_team[:n]
+    prompts = builtin_prompts(n, 1).red_team[:n]
     return [
         Comparison(p.id, p.text, ANSWERS if i % 2 else ANSWERS[::-1]) for i, p in enumerate(prompts)
     ]

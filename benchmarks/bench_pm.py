@@ -21,10 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import pytorch_lightning as pl  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 
 from cai.config import load_model_preset  # noqa: E402
-from cai.data import load_prompts  # noqa: E402
+from cai.data import builtin_prompts  # noqa: E402
 from cai.modules.pm import (  # noqa: E402
     EncodedPair,
     PairDataModule,
@@ -40,17 +39,7 @@ BAD = "Sure, here is how to do it quietly so that nobody notices what you are do
 
 def comparisons(n: int) -> list[tuple[list[dict], list[dict]]]:
     """~150-token chat pairs: builtin red-team prompts, answers of varied length."""
-    cfg = OmegaConf.create(
-        {
-            "source": "builtin",
-            "eval_percent": 0,
-            "shuffle_seed": 0,
-            "max_red_team": n,
-            "max_helpful": 1,
-            "max_eval": 0,
-        }
-    )
-    prompts = load_prompts(cfg).red_team[:n]
+    prompts = builtin_prompts(n, 1).red_team[:n]
     return [
         (answer_turns(p.text, GOOD * (2 + i % 3)), answer_turns(p.text, BAD * (2 + (i + 1) % 3)))
         for i, p in enumerate(prompts)

@@ -27,7 +27,7 @@ import pytorch_lightning as pl  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from cai.config import CONF_DIR, load_model_preset  # noqa: E402
-from cai.data import load_prompts  # noqa: E402
+from cai.data import builtin_prompts  # noqa: E402
 from cai.generation.hf import HFEngine  # noqa: E402
 from cai.models import load_model  # noqa: E402
 from cai.modules.pm import PreferenceModel, answer_turns, init_preference_model  # noqa: E402
@@ -54,17 +54,7 @@ def main():
     def reward(prompts, answers):
         return pm.score([answer_turns(p, a) for p, a in zip(prompts, answers, strict=True)])
 
-    data = OmegaConf.create(
-        {
-            "source": "builtin",
-            "eval_percent": 0,
-            "shuffle_seed": 0,
-            "max_red_team": 32,
-            "max_helpful": 32,
-            "max_eval": 0,
-        }
-    )
-    prompt_set = load_prompts(data)
+    prompt_set = builtin_prompts(32, 32)
     prompts = [
         (p.kind, p.text, answer_prompt(tokenizer, p.text, spec.prompt_format))
         for p in prompt_set.red_team + prompt_set.helpful

@@ -21,10 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import pytorch_lightning as pl  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 
 from cai.config import load_model_preset  # noqa: E402
-from cai.data import load_prompts  # noqa: E402
+from cai.data import builtin_prompts  # noqa: E402
 from cai.models import load_model  # noqa: E402
 from cai.modules.sft import SFTDataModule, SFTModule, encode_example  # noqa: E402
 
@@ -37,17 +36,7 @@ ANSWER = (
 
 def chats(n: int) -> list[tuple[str, str]]:
     """~220-token chats: builtin prompts with answers of varied length."""
-    cfg = OmegaConf.create(
-        {
-            "source": "builtin",
-            "eval_percent": 0,
-            "shuffle_seed": 0,
-            "max_red_team": n,
-            "max_helpful": 1,
-            "max_eval": 0,
-        }
-    )
-    prompts = load_prompts(cfg).red_team[:n]
+    prompts = builtin_prompts(n, 1).red_team[:n]
     return [(p.text, ANSWER * (2 + i % 3)) for i, p in enumerate(prompts)]
 
 

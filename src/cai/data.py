@@ -103,6 +103,23 @@ def load_prompts(cfg: DictConfig, data_dir: str | None = None) -> PromptSet:
 # ---------------------------------------------------------------------------------------------
 
 
+def builtin_prompts(max_red_team: int, max_helpful: int) -> PromptSet:
+    """The builtin prompt set, no eval split, first n of each kind (benchmarks, notebooks)."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create(
+        {
+            "source": "builtin",
+            "eval_percent": 0,
+            "shuffle_seed": 0,
+            "max_red_team": max_red_team,
+            "max_helpful": max_helpful,
+            "max_eval": 0,
+        }
+    )
+    return load_prompts(cfg)
+
+
 def _finish(
     items: list[tuple[str, str]],
     kind: str,
