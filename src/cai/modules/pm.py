@@ -33,7 +33,7 @@ from cai.artifacts import Artifact, read_jsonl, write_json_atomic
 from cai.constitution import parse_turns
 from cai.errors import ConfigError
 from cai.modules.sft import bucketed_batches
-from cai.modules.training import TrainingModule, fit
+from cai.modules.training import TrainingModule, fit, shard_batches
 from cai.prompting import raw_conversation
 
 log = logging.getLogger(__name__)
@@ -148,11 +148,7 @@ class PairDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         lengths = [max(len(p.a), len(p.b)) for p in self.pairs]
         batches = bucketed_batches(lengths, self.batch_size, 16, self.seed)
-        rank, world = (
-            (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        )
-        if world > 1:  # each process every world-th batch, all the same number
-            batches = batches[: len(batches) - len(batches) % world][rank::world]
+        batches = shard_batches(batches, self.trainer, "pm.batch_size")
         return DataLoader(
             self.pairs, batch_sampler=batches, collate_fn=lambda b: collate_pairs(b, self.pad_id)
         )
@@ -330,6 +326,7 @@ def init_preference_model(model_cfg: DictConfig, cache_dir: str):
 def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) -> dict:
     """pm: train the preference model, save it in `work_dir/model`, evaluate it (rows.csv)."""
     from cai.config import model_cfg_for
+    from cai.models import count_parameters
 
     pm = cfg.pm
     comparisons, counts = training_comparisons(cfg, upstream)
@@ -352,16 +349,7 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
     if not pairs:
         raise ConfigError(f"Every PM comparison is longer than pm.max_length={pm.max_length}.")
     model.train()
-    clip = cfg.trainer.get("gradient_clip_val")
-    module = PMModule(
-        model,
-        float(pm.lr),
-        float(pm.weight_decay),
-        pm.betas,
-        int(pm.warmup_steps),
-        clip_norm=float(clip) if clip else None,
-        cpu_attention=pm.get("cpu_attention"),
-    )
+    module = PMModule.from_config(model, pm, cfg.trainer)
     data = PairDataModule(pairs, int(pm.batch_size), tokenizer.pad_token_id, int(cfg.seed))
     trained = fit(cfg, module, data, work_dir, int(pm.max_steps), int(pm.checkpoint_every))
     model.eval()
@@ -370,7 +358,7 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
     write_json_atomic(
         work_dir / "model" / "pm_settings.json", {"prompt_format": init_cfg.prompt_format}
     )
-    rows, evaluation = evaluate(cfg, scorer, init_cfg.name, count_of(model))
+    rows, evaluation = evaluate(cfg, scorer, init_cfg.name, count_parameters(model))
     from cai.results import write_rows
 
     write_rows(work_dir / "rows.csv", rows)
@@ -385,12 +373,6 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
         "helpfulness": str(pm.helpfulness),
         "init": str(pm.init),
     }
-
-
-def count_of(model) -> int:
-    from cai.models import count_parameters
-
-    return count_parameters(model)
 
 
 def evaluate(cfg: DictConfig, scorer: PreferenceModel, name: str, parameters: int):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from torch.utils.data import DataLoader
 from cai.artifacts import Artifact, write_json_atomic
 from cai.errors import CAIError, ConfigError
 from cai.generation.base import Request
+from cai.modules.training import rank_and_world
 from cai.prompting import answer_prompt
 from cai.rl.ppo_math import (
     AdaptiveKLController,
@@ -133,6 +135,8 @@ class PPOModule(pl.LightningModule):
         )
         self.kl_coef = float(cfg.kl_coef)
         self.sequences = 0  # training sequences seen (the x axis of Figure 8)
+        self.history: list[dict] = []  # metrics per iteration (kept in checkpoints)
+        self.start_step = 0  # > 0 when resumed from a checkpoint
         self.snapshots: list[int] = sorted(int(s) for s in cfg.snapshot_sequences)
         self.snapshot_dir: Path | None = None
         self.reference.requires_grad_(False)
@@ -286,6 +290,9 @@ class PPOModule(pl.LightningModule):
         self.history.append(metrics)
         self._maybe_snapshot()
 
+    def on_train_start(self):
+        self.start_step = self.global_step
+
     def _trainable(self):
         return [p for p in self.parameters() if p.requires_grad]
 
@@ -296,10 +303,6 @@ class PPOModule(pl.LightningModule):
                 folder = self.snapshot_dir / f"seq_{target:08d}"
                 if not folder.is_dir():
                     save_policy(self.policy, self.tokenizer, folder)
-
-    def on_fit_start(self):
-        if not getattr(self, "_restored_history", False):
-            self.history = getattr(self, "history", [])
 
     def configure_optimizers(self):
         return torch.optim.AdamW(
@@ -320,7 +323,6 @@ class PPOModule(pl.LightningModule):
         self.kl_coef = state.get("kl_coef", self.kl_coef)
         self.snapshots = state.get("snapshots", self.snapshots)
         self.history = state.get("history", [])
-        self._restored_history = True
         if self.kl is not None:
             self.kl.value = self.kl_coef
 
@@ -343,8 +345,6 @@ def _mean(values: list[float]) -> float:
 
 def save_policy(policy, tokenizer, folder: Path) -> None:
     """save_pretrained into a temporary folder, then rename: never a half-written snapshot."""
-    import shutil
-
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     policy.save_pretrained(tmp, safe_serialization=True)
@@ -365,9 +365,7 @@ class PromptBatches(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        rank, world = (
-            (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        )
+        rank, _ = rank_and_world(self.trainer)
         rng = random.Random(f"{self.seed}/ppo/{rank}")
         batches = [
             torch.tensor([rng.randrange(self.num_prompts) for _ in range(self.batch_size)])
@@ -414,15 +412,13 @@ def check_settings(cfg: DictConfig) -> None:
 def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) -> dict:
     """ppo: RL-CAI from SL-CAI against the PM; final policy in `work_dir/model`, snapshots in
     `work_dir/snapshots/seq_<n>`, metrics per iteration in metrics.jsonl."""
-    from hydra.utils import instantiate
     from omegaconf import OmegaConf
-    from pytorch_lightning.callbacks import ModelCheckpoint
 
     from cai.artifacts import write_jsonl_atomic
     from cai.generation.hf import HFEngine
-    from cai.loggers import build_loggers
     from cai.modules.pm import PreferenceModel, answer_turns
     from cai.modules.sft import load_sft_model
+    from cai.modules.training import fit
 
     check_settings(cfg)
     ppo = cfg.ppo
@@ -449,54 +445,22 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
     module = PPOModule(policy, reference, value, engine, reward_fn, tokenizer, prompts, ppo)
     module.snapshot_dir = work_dir / "snapshots"
     module.snapshot_dir.mkdir(parents=True, exist_ok=True)
-    checkpoints = work_dir / "checkpoints"
-    pl.seed_everything(int(cfg.seed), workers=True)
-    trainer_cfg = OmegaConf.merge(cfg.trainer, {"precision": "32-true"})  # rollouts need fp32
-    trainer = instantiate(
-        trainer_cfg,
-        gradient_clip_val=None,
-        max_steps=-1,  # one epoch over ppo.steps prompt batches = ppo.steps iterations
-        max_epochs=1,
-        logger=build_loggers(cfg.logger),
-        callbacks=[
-            ModelCheckpoint(
-                dirpath=checkpoints,
-                save_last=True,
-                every_n_train_steps=int(ppo.checkpoint_every),
-                save_top_k=0,
-            )
-        ],
-    )
-    resume = checkpoints / "last.ckpt"
-    resumed = resume.is_file()
-    module.history = []
-    started = time.perf_counter()
-    trainer.fit(
-        module,
-        datamodule=PromptBatches(len(prompts), int(ppo.steps), int(ppo.batch_size), int(cfg.seed)),
-        ckpt_path=str(resume) if resumed else None,
-    )
-    wall = time.perf_counter() - started
+    # One epoch over ppo.steps prompt batches = ppo.steps iterations; fp32, since the rollouts
+    # sample from the weights being trained.
+    run_cfg = OmegaConf.merge(cfg, {"trainer": {"precision": "32-true", "max_epochs": 1}})
+    data = PromptBatches(len(prompts), int(ppo.steps), int(ppo.batch_size), int(cfg.seed))
+    trained = fit(run_cfg, module, data, work_dir, -1, int(ppo.checkpoint_every))
     save_policy(policy, tokenizer, work_dir / "model")
     write_jsonl_atomic(work_dir / "metrics.jsonl", module.history)
-    write_json_atomic(
-        work_dir / "snapshots.json",
-        sorted(p.name for p in (work_dir / "snapshots").glob("seq_*") if p.is_dir()),
+    snapshots = sorted(  # finished snapshots only (a killed save leaves seq_<n>.tmp)
+        p.name for p in (work_dir / "snapshots").glob("seq_*") if not p.name.endswith(".tmp")
     )
-    import shutil
-
-    shutil.rmtree(checkpoints, ignore_errors=True)
-    first, last = (
-        module.history[0] if module.history else {},
-        module.history[-1] if module.history else {},
-    )
+    write_json_atomic(work_dir / "snapshots.json", snapshots)
     return {
-        "steps": trainer.global_step,
+        **trained,
         "sequences": module.sequences,
-        "resumed": resumed,
-        "fit_wall_s": round(wall, 2),
-        "first": first,
-        "last": last,
-        "snapshots": sorted(p.name for p in (work_dir / "snapshots").glob("seq_*")),
+        "first": module.history[0] if module.history else {},
+        "last": module.history[-1] if module.history else {},
+        "snapshots": snapshots,
         "prompts": {k: sum(1 for p in prompts if p[0] == k) for k in ("red_team", "helpful")},
     }

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from cai.artifacts import Artifact, read_jsonl
 from cai.errors import ConfigError
-from cai.modules.training import TrainingModule, fit
+from cai.modules.training import TrainingModule, fit, shard_batches
 
 log = logging.getLogger(__name__)
 IGNORE = -100  # label of tokens that carry no loss (the prompt, padding)
@@ -183,19 +183,7 @@ class SFTDataModule(pl.LightningDataModule):
         batches = bucketed_batches(
             [len(e.input_ids) for e in examples], self.batch_size, self.bucket_size, seed
         )
-        # Several processes (DDP, FSDP): each takes every world-th batch of the same seeded
-        # order, all the same number of batches (trainer.use_distributed_sampler is off).
-        rank, world = (
-            (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        )
-        if world > 1:
-            usable = len(batches) - len(batches) % world
-            if usable == 0:
-                raise ConfigError(
-                    f"{len(batches)} batches for {world} processes: lower sft.batch_size or "
-                    "trainer.devices."
-                )
-            batches = batches[:usable][rank::world]
+        batches = shard_batches(batches, self.trainer, "sft.batch_size")
         return DataLoader(
             examples, batch_sampler=batches, collate_fn=lambda b: collate(b, self.pad_id)
         )
@@ -289,16 +277,7 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
     data = SFTDataModule(
         train, val, int(sft.batch_size), int(sft.bucket_size), tokenizer.pad_token_id, int(cfg.seed)
     )
-    clip = cfg.trainer.get("gradient_clip_val")
-    module = SFTModule(
-        model,
-        float(sft.lr),
-        float(sft.weight_decay),
-        sft.betas,
-        int(sft.warmup_steps),
-        clip_norm=float(clip) if clip else None,
-        cpu_attention=sft.get("cpu_attention"),
-    )
+    module = SFTModule.from_config(model, sft, cfg.trainer)
     trained = fit(cfg, module, data, work_dir, int(sft.max_steps), int(sft.checkpoint_every))
     final = module.model.merge_and_unload() if sft.lora else module.model
     final.save_pretrained(work_dir / "model", safe_serialization=True)

@@ -41,6 +41,20 @@ class TrainingModule(pl.LightningModule):
         )
         self.start_step = 0
 
+    @classmethod
+    def from_config(cls, model, stage: DictConfig, trainer: DictConfig):
+        """The module with a stage's optimiser settings (`sft`, `pm`) and the trainer's clip."""
+        clip = trainer.get("gradient_clip_val")
+        return cls(
+            model,
+            float(stage.lr),
+            float(stage.weight_decay),
+            stage.betas,
+            int(stage.warmup_steps),
+            clip_norm=float(clip) if clip else None,
+            cpu_attention=stage.get("cpu_attention"),
+        )
+
     def on_fit_start(self):
         if self.device.type != "cpu":
             return
@@ -77,6 +91,27 @@ class TrainingModule(pl.LightningModule):
             optimizer, lambda step: min(1.0, (step + 1) / warmup)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def rank_and_world(trainer) -> tuple[int, int]:
+    """(global rank, number of processes) of a trainer, (0, 1) outside one."""
+    return (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+
+
+def shard_batches(batches: list, trainer, setting: str) -> list:
+    """Several processes (DDP, FSDP): each takes every world-th batch of the same seeded order,
+    all the same number of batches (trainer.use_distributed_sampler is off)."""
+    from cai.errors import ConfigError
+
+    rank, world = rank_and_world(trainer)
+    if world == 1:
+        return batches
+    usable = len(batches) - len(batches) % world
+    if usable == 0:
+        raise ConfigError(
+            f"{len(batches)} batches for {world} processes: lower {setting} or trainer.devices."
+        )
+    return batches[:usable][rank::world]
 
 
 def fit(
