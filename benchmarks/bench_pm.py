@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import pytorch_lightning as pl  # noqa: E402
+from trl_baseline import trl_args  # noqa: E402
 
 from cai.config import load_model_preset  # noqa: E402
 from cai.data import builtin_prompts  # noqa: E402
@@ -87,21 +88,7 @@ def run_trl(model, tokenizer, data, batch_size) -> float:
         def on_step_end(self, args, state, control, **kwargs):
             times.append(time.perf_counter())
 
-    args = RewardConfig(
-        output_dir="/tmp/bench_pm_trl",
-        per_device_train_batch_size=batch_size,
-        bf16=True,
-        max_steps=len(data) // batch_size,
-        learning_rate=1e-5,
-        lr_scheduler_type="constant",
-        logging_steps=1000,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        dataloader_num_workers=0,
-        max_length=1024,
-        seed=0,
-    )
+    args = RewardConfig(**trl_args("/tmp/bench_pm_trl", batch_size, len(data) // batch_size))
     model.train()
     trainer = RewardTrainer(
         model=model,

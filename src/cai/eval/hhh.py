@@ -156,11 +156,11 @@ def score_items(
     engine: GenerationEngine,
     items: list[MCItem],
     methods: list[str],
-    cot_prefix: str,
-    cot_samples: int,
-    cot_max_tokens: int,
-    cot_temperature: float,
-    seed: int,
+    cot_prefix: str = "",
+    cot_samples: int = 1,
+    cot_max_tokens: int = 96,
+    cot_temperature: float = 1.0,
+    seed: int = 0,
 ) -> list[dict]:
     """Per item and method: option probabilities, the choice, and (CoT) the reasoning."""
     from cai.critique import request_seed
@@ -300,9 +300,7 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
         if done.is_file():
             records += read_jsonl(done)
             continue
-        mine = score_items(
-            engine, items, [m for m in methods if m == "zero_shot"], cot_prefix, 1, 0, 0.0, 0
-        )
+        mine = score_items(engine, items, [m for m in methods if m == "zero_shot"])
         cot_methods = [m for m in methods if m != "zero_shot"]
         if cot_methods and name in ev.cot_evals:
             cot_items = items if ev.cot_max_items is None else items[: int(ev.cot_max_items)]
