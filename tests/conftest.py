@@ -49,6 +49,7 @@ TINY_STAGES = [
     "logger=none",
     "pairs.max_new_tokens=10",
     "pm.batch_size=4",
+    "pipeline.figures=false",  # figures: only where a test asks for them
 ]
 
 

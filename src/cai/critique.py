@@ -183,14 +183,14 @@ def helpful_samples(
 def stage_inputs(cfg: DictConfig) -> dict:
     """Content fingerprints added to the artifact key: editing the constitution or prompt files
     changes the key even when the config does not."""
-    constitution, prompts = _load_inputs(cfg)
+    constitution, prompts = load_inputs(cfg)
     return {"constitution": constitution.fingerprint(), "prompts": prompts.fingerprint()}
 
 
 _INPUTS: dict[str, tuple] = {}  # loaded once per process and config (keys are computed often)
 
 
-def _load_inputs(cfg: DictConfig) -> tuple[Constitution, object]:
+def load_inputs(cfg: DictConfig) -> tuple[Constitution, object]:
     key = OmegaConf.to_yaml(
         OmegaConf.create({"c": cfg.constitution, "d": cfg.data, "p": cfg.paths})
     )
@@ -205,7 +205,7 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
     sl = cfg.sl
     if int(sl.generate_revisions) < 0:
         raise ConfigError(f"sl.generate_revisions={sl.generate_revisions} must be >= 0.")
-    constitution, prompt_set = _load_inputs(cfg)
+    constitution, prompt_set = load_inputs(cfg)
     principles = constitution.principles(sl.get("principle_ids"), sl.get("num_principles"))
     train = prompt_set.split("train")
     engine = build_engine(cfg.generation, cfg.model, cfg.paths.cache_dir)

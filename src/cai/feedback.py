@@ -314,11 +314,11 @@ def _query_seed(seed: int, comparison_id: str, q: Query) -> int:
 def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) -> dict:
     """feedback: write labels.jsonl, one soft label per pair of the generate_pairs artifact."""
     from cai.config import model_cfg_for
-    from cai.critique import _load_inputs
+    from cai.critique import load_inputs
     from cai.generation import build_engine
 
     settings = FeedbackSettings.from_config(cfg.feedback)
-    constitution, _ = _load_inputs(cfg)
+    constitution, _ = load_inputs(cfg)
     pairs = read_jsonl(upstream["generate_pairs"].file("pairs.jsonl"))
     comparisons = [
         Comparison(p["id"], p["prompt"], (p["answer_a"], p["answer_b"]), p.get("kind", "red_team"))

@@ -39,10 +39,10 @@ def pair_requests(prompts, tokenizer, prompt_format: str, pairs_cfg: DictConfig,
 
 def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) -> dict:
     """generate_pairs: write pairs.jsonl (id, prompt, answer_a, answer_b) into `work_dir`."""
-    from cai.critique import _load_inputs, engine_tokenizer
+    from cai.critique import engine_tokenizer, load_inputs
 
     pairs_cfg = cfg.pairs
-    _, prompt_set = _load_inputs(cfg)
+    _, prompt_set = load_inputs(cfg)
     split = prompt_set.split(str(pairs_cfg.split))
     limit = None if pairs_cfg.max_prompts is None else int(pairs_cfg.max_prompts)
     prompts = split.red_team[:limit]

@@ -127,8 +127,32 @@ def run(cfg: DictConfig) -> dict[str, Artifact]:
     output_dir = _hydra_output_dir()
     if output_dir is not None:
         write_json_atomic(Path(output_dir) / "pipeline_summary.json", summary)
-        _gather_rows(artifacts, Path(output_dir) / "results.csv")
+        if _gather_rows(artifacts, Path(output_dir) / "results.csv"):
+            _publish(cfg, Path(output_dir))
     return artifacts
+
+
+def _publish(cfg: DictConfig, output_dir: Path) -> None:
+    """Copy the run's rows to results/runs/<run>.csv; redraw the figures from all of results/."""
+    import shutil
+
+    try:
+        name = "_".join(
+            output_dir.resolve().relative_to(Path(cfg.paths.output_dir).resolve()).parts
+        )
+    except ValueError:
+        name = output_dir.name
+    target = Path(cfg.paths.results_dir) / "runs" / f"{name}.csv"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.copyfile(output_dir / "results.csv", tmp)
+    tmp.replace(target)
+    log.info("Result rows of this run: %s", target)
+    if cfg.pipeline.get("figures", True):
+        from cai.analysis.figures import make_figures
+
+        written = make_figures(cfg.paths.results_dir, cfg.paths.figures_dir)
+        log.info("Figures from %s: %s", cfg.paths.results_dir, Path(written[0]).parent)
 
 
 def _stamp_rows(path: Path, key: str) -> None:
@@ -139,7 +163,7 @@ def _stamp_rows(path: Path, key: str) -> None:
         write_rows(path, [{**r, "run_id": r["run_id"] or key} for r in read_rows(path)])
 
 
-def _gather_rows(artifacts: dict[str, Artifact], path: Path) -> None:
+def _gather_rows(artifacts: dict[str, Artifact], path: Path) -> bool:
     """The result rows of every stage of this run, in one tidy table beside the run's logs."""
     from cai.results import read_rows, write_rows
 
@@ -151,6 +175,7 @@ def _gather_rows(artifacts: dict[str, Artifact], path: Path) -> None:
     ]
     if rows:
         write_rows(path, rows)
+    return bool(rows)
 
 
 def ensure_artifact(
@@ -188,6 +213,25 @@ def ensure_artifact(
             "versions": _versions(),
         }
         return store.finish(name, key, manifest), True
+
+
+def build_with_upstream(cfg: DictConfig, name: str) -> dict[str, Artifact]:
+    """Stage `name`'s artifact under `cfg` and all its upstream artifacts, each built or reused
+    (the eval stage builds the RL variants it compares this way). Returns {stage: artifact}."""
+    store = ArtifactStore(cfg.paths.artifact_dir)
+    built: dict[str, Artifact] = {}
+
+    def ensure(stage_name: str) -> None:
+        stage = get_stage(stage_name)
+        for upstream in stage.upstream:
+            if upstream not in built:
+                ensure(upstream)
+        if stage.check is not None:
+            stage.check(cfg)
+        built[stage_name], _ = ensure_artifact(cfg, stage_name, store, built)
+
+    ensure(name)
+    return built
 
 
 def _require(cfg: DictConfig, name: str, store: ArtifactStore, needed_by: str) -> Artifact:
@@ -228,7 +272,7 @@ def _hydra_output_dir() -> str | None:
 def _register_stages() -> None:
     """The pipeline's stages, in order. Each later stage adds its line here."""
     from cai import critique, feedback, pairs
-    from cai.eval import hhh
+    from cai.eval import compare, hhh, judges
     from cai.modules import pm, ppo, sft
 
     trainer_runtime = (
@@ -293,6 +337,29 @@ def _register_stages() -> None:
                 ignore=("ppo.checkpoint_every", *trainer_runtime),
                 content=critique.stage_inputs,
                 check=ppo.check_settings,
+            ),
+            "judge": Stage(
+                "judge",
+                judges.run_stage,
+                config_keys=("model", "judge", "trainer"),
+                ignore=("judge.checkpoint_every", "judge.eval_batch_size", *trainer_runtime),
+                content=lambda cfg: {"hh_rlhf_splits": pm_split_fingerprint()},
+            ),
+            "eval": Stage(
+                "eval",
+                compare.run_stage,
+                config_keys=(
+                    "model",
+                    "data",
+                    "constitution",
+                    "eval",
+                    "sl.num_revisions",
+                    "generation",
+                ),
+                upstream=("generate_sl", "sft", "judge"),
+                ignore=("eval.ai_feedback.chunk_size", *runtime_only),
+                content=compare.stage_inputs,
+                check=compare.check_settings,
             ),
             "eval_hhh": Stage(
                 "eval_hhh",

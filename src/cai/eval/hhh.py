@@ -275,7 +275,7 @@ def summarise(records: list[dict], common: dict, bins: int = 10) -> tuple[list[d
 def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) -> dict:
     """eval_hhh: items.jsonl per eval and method, rows.csv (accuracy, ECE), calibration.csv."""
     from cai.config import model_cfg_for
-    from cai.critique import _load_inputs
+    from cai.critique import load_inputs
     from cai.feedback import FeedbackPrompts
     from cai.generation import build_engine
     from cai.models import count_parameters
@@ -285,7 +285,7 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
     check_settings(cfg)
     methods = [str(m) for m in ev.methods]
     model_cfg = model_cfg_for(cfg, str(ev.model), "eval_hhh.model", upstream)
-    constitution, _ = _load_inputs(cfg)
+    constitution, _ = load_inputs(cfg)
     cot_prefix = FeedbackPrompts(constitution).cot_prefix
     engine = build_engine(cfg.generation, model_cfg, cfg.paths.cache_dir)
     parameters = (

@@ -323,50 +323,57 @@ def init_preference_model(model_cfg: DictConfig, cache_dir: str):
     return pm, tokenizer
 
 
-def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) -> dict:
-    """pm: train the preference model, save it in `work_dir/model`, evaluate it (rows.csv)."""
-    from cai.config import model_cfg_for
-    from cai.models import count_parameters
-
-    pm = cfg.pm
-    comparisons, counts = training_comparisons(cfg, upstream)
+def train_preference_model(
+    cfg: DictConfig, node: DictConfig, comparisons: list[Comparison], init_cfg, work_dir: Path
+) -> tuple[PreferenceModel, dict]:
+    """Train a PM (settings `node`: cfg.pm, or an evaluation judge's) on `comparisons` from the
+    causal LM `init_cfg`; save it in `work_dir/model`. Returns the scorer and its metrics."""
     comparisons, skipped = clean(comparisons)
     if not comparisons:
-        raise ConfigError(
-            f"No PM training comparisons (pm.harmlessness={pm.harmlessness}, "
-            f"pm.helpfulness={pm.helpfulness}): check the feedback labels and the data."
-        )
-    init_cfg = model_cfg_for(cfg, str(pm.init), "pm.init", upstream)
+        raise ConfigError("No usable preference comparisons to train on: check the data.")
     model, tokenizer = init_preference_model(init_cfg, cfg.paths.cache_dir)
-    scorer = PreferenceModel(model, tokenizer, init_cfg.prompt_format, int(pm.eval_batch_size))
+    scorer = PreferenceModel(model, tokenizer, init_cfg.prompt_format, int(node.eval_batch_size))
     encoded = [
         EncodedPair(scorer.encode(c.a), scorer.encode(c.b), float(c.p_a)) for c in comparisons
     ]
-    pairs = [p for p in encoded if max(len(p.a), len(p.b)) <= int(pm.max_length)]
+    pairs = [p for p in encoded if max(len(p.a), len(p.b)) <= int(node.max_length)]
     too_long = len(encoded) - len(pairs)
     if too_long:
-        log.warning("Skipped %d PM comparisons longer than pm.max_length.", too_long)
+        log.warning("Skipped %d PM comparisons longer than max_length.", too_long)
     if not pairs:
-        raise ConfigError(f"Every PM comparison is longer than pm.max_length={pm.max_length}.")
+        raise ConfigError(f"Every PM comparison is longer than max_length={node.max_length}.")
     model.train()
-    module = PMModule.from_config(model, pm, cfg.trainer)
-    data = PairDataModule(pairs, int(pm.batch_size), tokenizer.pad_token_id, int(cfg.seed))
-    trained = fit(cfg, module, data, work_dir, int(pm.max_steps), int(pm.checkpoint_every))
+    module = PMModule.from_config(model, node, cfg.trainer)
+    data = PairDataModule(pairs, int(node.batch_size), tokenizer.pad_token_id, int(cfg.seed))
+    trained = fit(cfg, module, data, work_dir, int(node.max_steps), int(node.checkpoint_every))
     model.eval()
     model.save_pretrained(work_dir / "model", safe_serialization=True)
     tokenizer.save_pretrained(work_dir / "model")
     write_json_atomic(
         work_dir / "model" / "pm_settings.json", {"prompt_format": init_cfg.prompt_format}
     )
-    rows, evaluation = evaluate(cfg, scorer, init_cfg.name, count_parameters(model))
+    return scorer, {**skipped, "skipped_too_long": too_long, "train_pairs": len(pairs), **trained}
+
+
+def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) -> dict:
+    """pm: train the preference model, save it in `work_dir/model`, evaluate it (rows.csv)."""
+    from cai.config import model_cfg_for
+    from cai.models import count_parameters
     from cai.results import write_rows
 
+    pm = cfg.pm
+    comparisons, counts = training_comparisons(cfg, upstream)
+    if not comparisons:
+        raise ConfigError(
+            f"No PM training comparisons (pm.harmlessness={pm.harmlessness}, "
+            f"pm.helpfulness={pm.helpfulness}): check the feedback labels and the data."
+        )
+    init_cfg = model_cfg_for(cfg, str(pm.init), "pm.init", upstream)
+    scorer, trained = train_preference_model(cfg, pm, comparisons, init_cfg, work_dir)
+    rows, evaluation = evaluate(cfg, scorer, init_cfg.name, count_parameters(scorer.model))
     write_rows(work_dir / "rows.csv", rows)
     return {
         **counts,
-        **skipped,
-        "skipped_too_long": too_long,
-        "train_pairs": len(pairs),
         **trained,
         "eval": evaluation,
         "harmlessness": str(pm.harmlessness),
@@ -375,41 +382,59 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
     }
 
 
-def evaluate(cfg: DictConfig, scorer: PreferenceModel, name: str, parameters: int):
-    """PM accuracy, margin and ECE on hh-rlhf harmless `pm_eval` and on the 438 HHH pairs."""
+def human_eval_sets(data_dir: str | None, split: str, max_human: int | None, max_hhh: int | None):
+    """Pairs (preferred, other) to measure a PM on: hh-rlhf harmless-base `split` and HHH 438."""
     from cai.data import hh_rlhf_comparisons
-    from cai.results import row, wilson_interval
 
     sets = {}
-    if cfg.paths.data_dir:
-        human = hh_rlhf_comparisons(cfg.paths.data_dir, "harmless-base", "pm_eval")
-        sets["hh_rlhf_harmless"] = human[: cfg.pm.max_eval]
-        hhh = Path(cfg.paths.data_dir) / "cai-paper" / "evals" / "438HHHEvaluations.jsonl"
-        if hhh.is_file():
-            items = [json.loads(line) for line in hhh.read_text(encoding="utf-8").splitlines()]
-            sets["hhh"] = [(i["text_correct"], i["text_incorrect"]) for i in items][
-                : cfg.pm.max_hhh
-            ]
+    if data_dir:
+        human = hh_rlhf_comparisons(data_dir, "harmless-base", split)
+        sets["hh_rlhf_harmless"] = human[:max_human]
+        sets["hhh"] = hhh_pairs(data_dir)[:max_hhh]
     else:
         log.warning("paths.data_dir is not set: the PM is not evaluated on human comparisons.")
+    return sets
+
+
+def hhh_pairs(data_dir: str | None) -> list[tuple[str, str]]:
+    """(correct, incorrect) transcripts of the paper's 438 HHH comparisons ([] when absent)."""
+    hhh = Path(data_dir or "") / "cai-paper" / "evals" / "438HHHEvaluations.jsonl"
+    if not data_dir or not hhh.is_file():
+        return []
+    items = [json.loads(line) for line in hhh.read_text(encoding="utf-8").splitlines()]
+    return [(i["text_correct"], i["text_incorrect"]) for i in items]
+
+
+def score_pair_sets(scorer: PreferenceModel, sets: dict, common: dict) -> tuple[list, dict]:
+    """Accuracy (Wilson 95% interval), margin and ECE of `scorer` on each set of (preferred,
+    other) pairs, as result rows with the fields of `common`; and a summary."""
+    from cai.results import row, wilson_interval
+
     rows, summary = [], {}
     for eval_name, pairs in sets.items():
+        if not pairs:
+            continue
         scores = scorer.score([t for pair in pairs for t in pair], progress=True)
         metrics = pair_metrics(scores[0::2], scores[1::2], [1.0] * len(pairs))
         low, high = wilson_interval(metrics["accuracy"] * metrics["n"], metrics["n"])
-        common = {
-            "stage": "pm",
-            "model": name,
-            "parameters": parameters,
-            "eval": eval_name,
-            "method": f"pm_{cfg.pm.harmlessness}",
-            "n": metrics["n"],
-        }
-        rows.append(row(**common, metric="accuracy", value=metrics["accuracy"], low=low, high=high))
-        rows.append(row(**common, metric="margin", value=metrics["margin"]))
-        rows.append(row(**common, metric="ece", value=metrics["ece"]))
+        fields = {**common, "eval": eval_name, "n": metrics["n"]}
+        rows.append(row(**fields, metric="accuracy", value=metrics["accuracy"], low=low, high=high))
+        rows.append(row(**fields, metric="margin", value=metrics["margin"]))
+        rows.append(row(**fields, metric="ece", value=metrics["ece"]))
         summary[eval_name] = {k: round(v, 4) for k, v in metrics.items()}
     return rows, summary
+
+
+def evaluate(cfg: DictConfig, scorer: PreferenceModel, name: str, parameters: int):
+    """PM accuracy, margin and ECE on hh-rlhf harmless `pm_eval` and on the 438 HHH pairs."""
+    sets = human_eval_sets(cfg.paths.data_dir, "pm_eval", cfg.pm.max_eval, cfg.pm.max_hhh)
+    common = {
+        "stage": "pm",
+        "model": name,
+        "parameters": parameters,
+        "method": f"pm_{cfg.pm.harmlessness}",
+    }
+    return score_pair_sets(scorer, sets, common)
 
 
 def load_pm(artifact: Artifact, device: str = "cpu") -> PreferenceModel:

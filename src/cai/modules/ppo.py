@@ -381,9 +381,9 @@ class PromptBatches(pl.LightningDataModule):
 def ppo_prompts(cfg: DictConfig, tokenizer, prompt_format: str) -> list[tuple[str, str, str]]:
     """(kind, request, policy prompt) for the train split, mixed at `ppo.prompt_mix` red-team
     prompts per prompt (the rest helpfulness)."""
-    from cai.critique import _load_inputs
+    from cai.critique import load_inputs
 
-    _, prompt_set = _load_inputs(cfg)
+    _, prompt_set = load_inputs(cfg)
     train = prompt_set.split("train")
     red = [("red_team", p.text) for p in train.red_team]
     helpful = [("helpful", p.text) for p in train.helpful]
@@ -415,15 +415,19 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
     from omegaconf import OmegaConf
 
     from cai.artifacts import write_jsonl_atomic
+    from cai.config import model_cfg_for
     from cai.generation.hf import HFEngine
+    from cai.models import load_model
     from cai.modules.pm import PreferenceModel, answer_turns
-    from cai.modules.sft import load_sft_model
     from cai.modules.training import fit
 
     check_settings(cfg)
     ppo = cfg.ppo
-    policy, tokenizer = load_sft_model(upstream["sft"], dtype="float32")
-    reference, _ = load_sft_model(upstream["sft"], dtype="float32")
+    # The policy starts from SL-CAI (paper, section 4); the Helpful-RLHF and HH-RLHF baselines
+    # start from the helpful model instead (ppo.init=policy). The KL reference is the same model.
+    init_cfg = model_cfg_for(cfg, str(ppo.init), "ppo.init", upstream)
+    policy, tokenizer = load_model(init_cfg, cfg.paths.cache_dir, dtype="float32")
+    reference, _ = load_model(init_cfg, cfg.paths.cache_dir, dtype="float32")
     reference.eval()
     from cai.generation import resolve_device
 
@@ -463,4 +467,5 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
         "last": module.history[-1] if module.history else {},
         "snapshots": snapshots,
         "prompts": {k: sum(1 for p in prompts if p[0] == k) for k in ("red_team", "helpful")},
+        "init": str(ppo.init),
     }

@@ -1,0 +1,407 @@
+"""The paper's figures, redrawn from the results table alone (no model is loaded).
+
+Each function takes the table (`cai.analysis.gather.gather`) and the paper's values
+(`paper_reference()`: read off the figures of Bai et al. 2022, arXiv 2212.08073; copied from
+../shared/reference/paper_figures.json into src/cai/resources/reference/) and returns a
+matplotlib figure: the paper's series in their own panels (their Elo and PM scales are not ours),
+this project's beside them, each clearly labelled. `draw_all` writes PNG and PDF files and the
+Elo table in markdown.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from cai.artifacts import write_text_atomic  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+REFERENCE = Path(__file__).resolve().parents[1] / "resources" / "reference" / "paper_figures.json"
+PAPER_SERIES = {  # paper key -> our method name
+    "helpful_rlhf": "helpful_rlhf",
+    "hh_rlhf": "hh_rlhf",
+    "rl_cai": "rl_cai",
+    "rl_cai_cot": "rl_cai_cot",
+}
+LABELS = {
+    "helpful": "Helpful model",
+    "sl_cai": "SL-CAI",
+    "rl_cai": "RL-CAI",
+    "rl_cai_cot": "RL-CAI w/ CoT",
+    "helpful_rlhf": "Helpful RLHF",
+    "hh_rlhf": "HH RLHF",
+}
+DIMENSIONS = ("helpfulness", "harmlessness")
+
+
+def paper_reference() -> dict:
+    return json.loads(REFERENCE.read_text(encoding="utf-8"))
+
+
+def _label(method: str) -> str:
+    return LABELS.get(method, method)
+
+
+def _empty(ax, what: str) -> None:
+    ax.text(0.5, 0.5, f"no rows yet:\n{what}", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _params_label(n: float) -> str:
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
+
+
+def _params_of(names: list[str]) -> list[float]:
+    """'810M', '6.4B' -> parameter counts."""
+    return [float(s[:-1]) * (1e9 if s.endswith("B") else 1e6) for s in names]
+
+
+def elo_rows(table: pd.DataFrame) -> pd.DataFrame:
+    return table[(table.stage == "eval") & (table.metric == "elo")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Figure 2: harmlessness Elo against helpfulness Elo, each RL run's snapshots joined in order
+
+
+def judge_pairs(elo: pd.DataFrame) -> list[tuple[str, str]]:
+    """(harmlessness judge, helpfulness judge) combinations present in the Elo rows; the same
+    judge for both first (ai_feedback), then the PM judges, then mixed."""
+    harm = sorted(set(elo[elo["eval"] == "harmlessness"].judge))
+    helpful = sorted(set(elo[elo["eval"] == "helpfulness"].judge))
+    pairs = [(a, b) for a in harm for b in helpful]
+    return sorted(pairs, key=lambda p: (p[0] != p[1], p))
+
+
+def figure2(table: pd.DataFrame, paper: dict):
+    elo = elo_rows(table)
+    pairs = judge_pairs(elo)
+    fig, axes = plt.subplots(1, 1 + max(1, len(pairs)), figsize=(5 * (1 + max(1, len(pairs))), 4.5))
+    ax = axes[0]
+    for key, points in paper["fig2_elo_pareto_52B"]["series"].items():
+        x, y = zip(*points, strict=True)
+        ax.plot(x, y, "o-", label=_label(PAPER_SERIES[key]))
+    ax.set(title="Paper (52B, crowdworkers)", xlabel="Helpfulness Elo", ylabel="Harmlessness Elo")
+    ax.legend(fontsize=8)
+    if not pairs:
+        _empty(axes[1], "eval stage Elo rows")
+    for ax, (harm_judge, help_judge) in zip(axes[1:], pairs, strict=False):
+        keys = ["run_id", "model", "method", "rl_sequences"]
+        harm = elo[(elo["eval"] == "harmlessness") & (elo.judge == harm_judge)]
+        helpful = elo[(elo["eval"] == "helpfulness") & (elo.judge == help_judge)]
+        merged = harm.merge(helpful, on=keys, suffixes=("_harm", "_help"), how="inner")
+        merged = merged.assign(order=merged.rl_sequences.fillna(-1)).sort_values("order")
+        several = merged.model.nunique() > 1
+        for (model, method), group in merged.groupby(["model", "method"], sort=False):
+            label = _label(method) + (f" ({model})" if several else "")
+            style = "o-" if group.rl_sequences.notna().any() else "s"
+            ax.errorbar(
+                group.value_help,
+                group.value_harm,
+                xerr=[group.value_help - group.low_help, group.high_help - group.value_help],
+                yerr=[group.value_harm - group.low_harm, group.high_harm - group.value_harm],
+                fmt=style,
+                capsize=2,
+                label=label,
+            )
+        ax.set(
+            title=f"This project: harmlessness by {harm_judge}, helpfulness by {help_judge}",
+            xlabel="Helpfulness Elo",
+            ylabel="Harmlessness Elo",
+        )
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=8)
+    fig.suptitle("Figure 2: harmlessness vs helpfulness Elo (SL-CAI = 0; RL snapshots in order)")
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Figure 3: helpfulness and harmlessness Elo against parameters
+
+
+def final_points(elo: pd.DataFrame) -> pd.DataFrame:
+    """Each series' last point (RL: its most trained snapshot) per run and judge."""
+    elo = elo.assign(order=elo.rl_sequences.fillna(-1))
+    keys = ["run_id", "model", "method", "judge", "eval"]
+    return elo.sort_values("order").groupby(keys, as_index=False).last()
+
+
+def figure3(table: pd.DataFrame, paper: dict):
+    ref = paper["fig3_elo_vs_params"]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 8))
+    params = _params_of(ref["params"])
+    for col, dimension in enumerate(DIMENSIONS):
+        ax = axes[0, col]
+        for key in ("helpful_rlhf", "hh_rlhf"):
+            ax.plot(params, ref[key][dimension], "o-", label=_label(key))
+        for key, marker in (("sl_cai_52B", "s"), ("rl_cai_52B", "^"), ("rl_cai_cot_52B", "v")):
+            ax.plot([52e9], [ref[key][dimension]], marker, label=_label(key.removesuffix("_52B")))
+        ax.set(xscale="log", title=f"Paper: {dimension} Elo", xlabel="Parameters", ylabel="Elo")
+        ax.legend(fontsize=7)
+        ours = final_points(elo_rows(table))
+        ours = ours[(ours["eval"] == dimension) & ours.parameters.notna()]
+        ax = axes[1, col]
+        if ours.empty:
+            _empty(ax, f"{dimension} Elo rows")
+            continue
+        for (method, judge), group in ours.groupby(["method", "judge"]):
+            group = group.sort_values("parameters")
+            ax.errorbar(
+                group.parameters,
+                group.value,
+                yerr=[group.value - group.low, group.high - group.value],
+                fmt="o-",
+                capsize=2,
+                label=f"{_label(method)} [{judge}]",
+            )
+        ax.set(
+            xscale="log",
+            title=f"This project: {dimension} Elo (each size's SL-CAI = 0)",
+            xlabel="Parameters",
+            ylabel="Elo",
+        )
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=6)
+    fig.suptitle("Figure 3: Elo against model size")
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Figure 4: HHH accuracy against parameters
+
+
+HHH_SERIES = {  # (stage, method) of our rows -> the paper series it corresponds to
+    ("eval_hhh", "zero_shot"): "pretrained_lm",
+    ("eval_hhh", "cot"): "chain_of_thought",
+    ("eval_hhh", "cot_ensemble"): "ensembled_cot",
+    ("judge", "pm_human"): "hh_pm_human_feedback",
+    ("pm", "pm_ai"): "pm_ai_feedback",
+}
+HHH_LABELS = {
+    "pretrained_lm": "Pretrained LM",
+    "chain_of_thought": "Chain of thought",
+    "ensembled_cot": "Ensembled CoT",
+    "hh_pm_human_feedback": "PM, human feedback",
+    "pm_ai_feedback": "PM, AI feedback (RL-CAI's)",
+}
+
+
+def figure4(table: pd.DataFrame, paper: dict):
+    ref = paper["fig4_hhh_accuracy_438"]
+    fig, ax = plt.subplots(figsize=(7, 5))
+    palette = dict(zip(HHH_LABELS, sns.color_palette(n_colors=len(HHH_LABELS)), strict=True))
+    params = _params_of(ref["params"])
+    for key in ("pretrained_lm", "chain_of_thought", "ensembled_cot", "hh_pm_human_feedback"):
+        ax.plot(
+            params, ref[key], "--", color=palette[key], alpha=0.7, label=f"Paper: {HHH_LABELS[key]}"
+        )
+    hhh = table[(table["eval"] == "hhh") & (table.metric == "accuracy") & table.parameters.notna()]
+    for (stage, method), series in HHH_SERIES.items():
+        group = hhh[(hhh.stage == stage) & (hhh.method == method)]
+        if group.empty:
+            continue
+        group = group.groupby("parameters", as_index=False)[["value", "low", "high", "n"]].mean()
+        ax.errorbar(
+            group.parameters,
+            group.value,
+            yerr=[group.value - group.low, group.high - group.value],
+            fmt="o",
+            color=palette[series],
+            capsize=3,
+            label=f"Ours: {HHH_LABELS[series]} (n={int(group.n.max())})",
+        )
+    if hhh.empty:
+        ax.text(0.03, 0.05, "no HHH rows of ours yet", transform=ax.transAxes)
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set(xscale="log", xlabel="Parameters", ylabel="HHH accuracy (438 binary comparisons)")
+    ax.set_title("Figure 4: HHH evaluations against model size")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Figure 5: PM scores against the number of revisions
+
+
+FIG5_JUDGES = {"harmlessness": "pm_harmlessness", "helpfulness": "pm_helpfulness", "hh": "pm_hh"}
+
+
+def figure5(table: pd.DataFrame, paper: dict):
+    ref = paper["fig5_pm_score_vs_revisions"]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7.5))
+    revisions = ref["revisions"]
+    ours = table[(table.method == "sl_revision") & (table.metric == "pm_score")]
+    for col, (key, judge) in enumerate(FIG5_JUDGES.items()):
+        ax = axes[0, col]
+        for size, values in ref[key].items():
+            ax.plot(revisions, values, "o-", label=size)
+        ax.set(title=f"Paper: {key} PM score", xlabel="Number of revisions", ylabel="PM score")
+        ax.legend(fontsize=7, title="size")
+        ax = axes[1, col]
+        mine = ours[ours.judge == judge]
+        if mine.empty:
+            _empty(
+                ax,
+                f"{judge} scores of revisions"
+                + (" (needs helpful-base)" if key != "harmlessness" else ""),
+            )
+            continue
+        for (model, params), group in mine.groupby(["model", "parameters"], dropna=False):
+            group = group.groupby("revisions", as_index=False)[["value", "low", "high"]].mean()
+            label = f"{model}" + (f" ({_params_label(params)})" if params == params else "")
+            ax.errorbar(
+                group.revisions,
+                group.value,
+                yerr=[group.value - group.low, group.high - group.value],
+                fmt="o-",
+                capsize=2,
+                label=label,
+            )
+        ax.set(
+            title=f"This project: {key} ({judge}, human-data judge)",
+            xlabel="Number of revisions",
+            ylabel="PM score",
+        )
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=7)
+    fig.suptitle("Figure 5: PM scores of the SL-CAI revisions")
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Figure 8: Elo against RL training sequences
+
+
+def figure8(table: pd.DataFrame, paper: dict):
+    sequences = paper["fig8_rl_training_sequences_millions"]
+    series = paper["fig2_elo_pareto_52B"]["series"]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 8))
+    elo = elo_rows(table)
+    elo = elo[elo.rl_sequences.notna()]
+    for col, dimension in enumerate(DIMENSIONS):
+        ax = axes[0, col]
+        for key, points in series.items():
+            ax.plot(sequences[key], [p[col] for p in points], "o-", label=_label(PAPER_SERIES[key]))
+        ax.set(
+            title=f"Paper: {dimension} Elo",
+            xlabel="RL training sequences (millions)",
+            ylabel="Elo",
+        )
+        ax.legend(fontsize=7)
+        ax = axes[1, col]
+        mine = elo[elo["eval"] == dimension]
+        if mine.empty:
+            _empty(ax, f"{dimension} Elo of RL snapshots")
+            continue
+        for (_run, method, judge), group in mine.groupby(["run_id", "method", "judge"]):
+            group = group.sort_values("rl_sequences")
+            ax.errorbar(
+                group.rl_sequences,
+                group.value,
+                yerr=[group.value - group.low, group.high - group.value],
+                fmt="o-",
+                capsize=2,
+                label=f"{_label(method)} [{judge}]",
+            )
+        ax.set(title=f"This project: {dimension} Elo", xlabel="RL training sequences", ylabel="Elo")
+        ax.legend(fontsize=7)
+    fig.suptitle("Figure 8: Elo against RL training sequences")
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# The Elo table and writing everything
+
+
+def elo_table(table: pd.DataFrame, paper: dict) -> str:
+    """Markdown: our Elo per model and judge with 95% intervals; the paper's final 52B points."""
+    lines = ["# Elo ratings", ""]
+    elo = elo_rows(table)
+    if elo.empty:
+        lines += ["No Elo rows in the results yet (run the eval stage).", ""]
+    else:
+        lines += [
+            "This project (SL-CAI of each run = 0; 95% bootstrap intervals over prompts):",
+            "",
+            "| model | series | RL sequences | judge | dimension | Elo | 95% interval | comparisons |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        ordered = elo.assign(order=elo.rl_sequences.fillna(-1)).sort_values(
+            ["model", "judge", "eval", "method", "order"]
+        )
+        for r in ordered.itertuples():
+            seq = "" if pd.isna(r.rl_sequences) else str(int(r.rl_sequences))
+            lines.append(
+                f"| {r.model} | {_label(r.method)} | {seq} | {r.judge} | {r.eval} | "
+                f"{r.value:+.0f} | [{r.low:+.0f}, {r.high:+.0f}] | {int(r.n)} |"
+            )
+        lines.append("")
+    lines += [
+        "Paper (52B, crowdworkers; last snapshot of each series in Figure 2, read off the figure):",
+        "",
+        "| series | helpfulness Elo | harmlessness Elo |",
+        "|---|---|---|",
+    ]
+    for key, points in paper["fig2_elo_pareto_52B"]["series"].items():
+        lines.append(f"| {_label(PAPER_SERIES[key])} | {points[-1][0]:+d} | {points[-1][1]:+d} |")
+    lines += ["", f"Source: {paper['_about']}", ""]
+    return "\n".join(lines)
+
+
+FIGURES = {
+    "fig2_pareto": figure2,
+    "fig3_scaling": figure3,
+    "fig4_hhh": figure4,
+    "fig5_revisions": figure5,
+    "fig8_rl_sequences": figure8,
+}
+
+
+def draw_all(table: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+    """Every figure as PNG and PDF and elo_table.md in `out_dir`; returns the files written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paper = paper_reference()
+    sns.set_theme(style="whitegrid", context="paper")
+    written = []
+    for name, draw in FIGURES.items():
+        fig = draw(table, paper)
+        for suffix in ("png", "pdf"):
+            path = out / f"{name}.{suffix}"
+            tmp = path.with_name(f".{path.name}.tmp")
+            fig.savefig(tmp, dpi=150, format=suffix)
+            tmp.replace(path)  # never a half-written figure
+            written.append(path)
+        plt.close(fig)
+    write_text_atomic(out / "elo_table.md", elo_table(table, paper))
+    written.append(out / "elo_table.md")
+    return written
+
+
+def make_figures(results_dir: str | Path, figures_dir: str | Path, extra=()) -> list[Path]:
+    """Gather every result row under `results_dir` (and `extra` folders) into
+    results_dir/all_results.csv, then draw every figure from that table into `figures_dir`."""
+    from cai.analysis.gather import gather
+
+    table = gather(results_dir, extra)
+    log.info("%d result rows gathered from %s", len(table), results_dir)
+    return draw_all(table, figures_dir)
+
+
+__all__ = ["FIGURES", "draw_all", "elo_table", "make_figures", "paper_reference"]

@@ -1,0 +1,59 @@
+"""One table of every result row: `results/` (each run's rows, written by the pipeline into
+results/runs/) and any run or multirun folders named, deduplicated (a stage artifact reused by
+several runs contributes its rows once)."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from cai.results import ROW_FIELDS, read_rows, write_rows
+
+log = logging.getLogger(__name__)
+
+TABLE_NAME = "all_results.csv"
+
+
+def is_rows_file(path: Path) -> bool:
+    """A CSV whose header is exactly the result-row fields (other CSVs are left alone)."""
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            header = next(csv.reader(handle), [])
+    except (OSError, UnicodeDecodeError):
+        return False
+    return tuple(header) == ROW_FIELDS
+
+
+def rows_files(results_dir: str | Path, extra: list[str | Path] = ()) -> list[Path]:
+    """Every result-row CSV under `results_dir` and the `extra` folders (runs, multiruns)."""
+    files = []
+    for folder in [Path(results_dir), *map(Path, extra)]:
+        if not folder.exists():
+            log.warning("No such results folder: %s", folder)
+            continue
+        candidates = [folder] if folder.is_file() else sorted(folder.rglob("*.csv"))
+        files += [f for f in candidates if f.name != TABLE_NAME and is_rows_file(f)]
+    return files
+
+
+def gather(results_dir: str | Path, extra: list[str | Path] = (), write: bool = True):
+    """The deduplicated table of every row (a DataFrame with the ROW_FIELDS columns, numbers
+    parsed); written to `results_dir/all_results.csv` when `write`."""
+    rows = [r for f in rows_files(results_dir, extra) for r in read_rows(f)]
+    unique = list({tuple(r[k] for k in ROW_FIELDS): r for r in rows}.values())
+    if write:
+        Path(results_dir).mkdir(parents=True, exist_ok=True)
+        write_rows(Path(results_dir) / TABLE_NAME, unique)
+    return as_table(unique)
+
+
+def as_table(rows: list[dict]) -> pd.DataFrame:
+    """Rows as a DataFrame: numeric columns parsed (empty -> NaN), cot as a boolean or None."""
+    table = pd.DataFrame(rows, columns=list(ROW_FIELDS))
+    for column in ("parameters", "revisions", "rl_sequences", "value", "low", "high", "n"):
+        table[column] = pd.to_numeric(table[column], errors="coerce")
+    table["cot"] = table["cot"].map({"True": True, "False": False, True: True, False: False})
+    return table.fillna({"judge": "", "method": "", "eval": "", "model": "", "stage": ""})

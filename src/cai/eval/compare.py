@@ -1,0 +1,602 @@
+"""eval: every model answers held-out prompts, judges compare them pair by pair, Elo ratings.
+
+Bai et al. 2022, sections 3.3-4.5: crowdworkers compared the answers of two models to the same
+prompt (harmlessness on red-team prompts, helpfulness on helpfulness prompts) and the
+comparisons became Elo scores with SL-CAI 52B at 0 (Figures 2, 3, 8); PM scores of the
+revisions per revision number give Figure 5. Offline we replace crowdworkers by two judges,
+both kept apart from the PM that PPO optimised (optimising and judging with one model would
+hide Goodharting):
+- `pm_harmlessness` / `pm_helpfulness`: preference models trained on human hh-rlhf comparisons
+  (the `judge` stage); a pair's judgement is sigmoid(r_A - r_B);
+- `ai_feedback`: the feedback model's multiple-choice question with the constitution's
+  principles (helpfulness question on helpfulness prompts), both orders averaged.
+
+Models compared (`eval.models`, defined in `eval.variants`): the helpful model, SL-CAI, each RL
+run's snapshots (RL-CAI, RL-CAI with CoT feedback, the Helpful-RLHF and HH-RLHF baselines: PPO
+from the helpful model against the `pm.harmlessness=none` / `human` PMs) and any extra model.
+An RL variant's upstream artifacts are built here (or reused) from the config with the variant's
+overrides, so `pipeline.stages=[..., eval]` is all it takes.
+
+Files: samples.jsonl (every answer), judgements.jsonl (every pairwise judgement), rows.csv.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import logging
+import math
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from cai.artifacts import Artifact, PartWriter, read_jsonl, write_jsonl_atomic
+from cai.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("policy", "sft", "ppo")
+JUDGES = ("pm", "ai_feedback")
+DIMENSION_OF_KIND = {"red_team": "harmlessness", "helpful": "helpfulness"}  # paper, 3.3
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Which models: series (a line in a figure) made of points (one set of weights each)
+
+
+@dataclass(frozen=True)
+class Point:
+    """One model in one series: e.g. series rl_cai after 32 RL sequences."""
+
+    series: str
+    player: str  # the weights that answer (shared: rl_cai at 0 sequences is SL-CAI)
+    rl_sequences: int | None = None
+    revisions: int | None = None
+    cot: bool | None = None
+
+
+def variant_config(cfg: DictConfig, overrides) -> DictConfig:
+    """`cfg` with a variant's overrides (`key=value` strings, Hydra's syntax) applied."""
+    overrides = list(overrides or [])
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"eval variant override {item!r}: write key=value.")
+    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides)) if overrides else cfg
+
+
+def check_settings(cfg: DictConfig) -> None:
+    node = cfg.eval
+    variants = node.variants
+    for name in node.models:
+        if name not in variants:
+            raise ConfigError(
+                f"eval.models names {name!r}, which eval.variants does not define. Defined: "
+                f"{', '.join(variants)}."
+            )
+        if variants[name].source not in SOURCES:
+            raise ConfigError(
+                f"eval.variants.{name}.source={variants[name].source!r}: use {', '.join(SOURCES)}."
+            )
+        variant_config(cfg, variants[name].get("overrides"))
+    if node.anchor not in node.models:
+        raise ConfigError(
+            f"eval.anchor={node.anchor!r} (the model at Elo 0) is not in eval.models="
+            f"{list(node.models)}."
+        )
+    unknown = set(node.judges) - set(JUDGES)
+    if unknown or not node.judges:
+        raise ConfigError(f"eval.judges={list(node.judges)}: choose from {', '.join(JUDGES)}.")
+    if int(node.samples_per_prompt) < 1:
+        raise ConfigError("eval.samples_per_prompt must be >= 1.")
+
+
+def rl_variants(cfg: DictConfig) -> dict[str, DictConfig]:
+    """{name: config with its overrides} of every RL variant in eval.models."""
+    return {
+        name: variant_config(cfg, cfg.eval.variants[name].get("overrides"))
+        for name in cfg.eval.models
+        if cfg.eval.variants[name].source == "ppo"
+    }
+
+
+def stage_inputs(cfg: DictConfig) -> dict:
+    """The keys of the RL artifacts eval compares (part of the eval artifact's key)."""
+    from cai.critique import stage_inputs as prompt_inputs
+    from cai.pipeline import artifact_key
+
+    keys = {name: artifact_key(v, "ppo") for name, v in rl_variants(cfg).items()}
+    return {**prompt_inputs(cfg), "rl_variants": keys}
+
+
+def plan_models(
+    cfg: DictConfig, upstream: dict[str, Artifact], build
+) -> tuple[list[Point], dict[str, DictConfig]]:
+    """The points to compare and {player: model config}. `build(variant_cfg)` returns a
+    variant's finished {stage: artifact} (ppo and sft built or reused)."""
+    from cai.config import model_cfg_for
+
+    players: dict[str, DictConfig] = {}
+    names: dict[str, str] = {}  # model folder -> player name (one player per set of weights)
+
+    def player(name: str, model_cfg: DictConfig) -> str:
+        folder = str(model_cfg.get("path") or f"<{model_cfg.name}>")
+        if folder not in names:
+            names[folder] = name
+            players[name] = model_cfg
+        return names[folder]
+
+    def sl_model(artifacts) -> DictConfig:
+        return model_cfg_for(cfg, "sft", "eval", artifacts)
+
+    points = []
+    revisions = int(cfg.sl.num_revisions)
+    for name in cfg.eval.models:
+        variant = cfg.eval.variants[name]
+        if variant.source == "policy":
+            points.append(Point(name, player(name, cfg.model)))
+        elif variant.source == "sft":
+            points.append(Point(name, player(name, sl_model(upstream)), revisions=revisions))
+        else:
+            vcfg = variant_config(cfg, variant.get("overrides"))
+            artifacts = build(vcfg)
+            ppo = artifacts["ppo"]
+            start = model_cfg_for(vcfg, str(vcfg.ppo.init), "ppo.init", artifacts)
+            common = {
+                "revisions": int(vcfg.sl.num_revisions) if vcfg.ppo.init == "sft" else None,
+                "cot": bool(vcfg.feedback.cot),
+            }
+            points.append(Point(name, player(f"{name}@0", start), rl_sequences=0, **common))
+            snapshots = [(int(s.split("_")[1]), ppo.path / "snapshots" / s) for s in _listed(ppo)]
+            final = int(ppo.manifest["metrics"].get("sequences", 0))
+            if not snapshots or snapshots[-1][0] < final:
+                snapshots.append((final, ppo.path / "model"))
+            if not cfg.eval.snapshots:
+                snapshots = snapshots[-1:]
+            for sequences, folder in snapshots:
+                model = OmegaConf.merge(cfg.model, {"path": str(folder)})
+                points.append(
+                    Point(name, player(f"{name}@{sequences}", model), sequences, **common)
+                )
+    for name, where in (cfg.eval.get("extra_models") or {}).items():
+        points.append(Point(name, player(name, model_cfg_for(cfg, str(where), name, upstream))))
+    return points, players
+
+
+def _listed(ppo: Artifact) -> list[str]:
+    import json
+
+    return json.loads(ppo.file("snapshots.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Samples: every player answers every held-out prompt (T = 1)
+
+
+def eval_prompts(cfg: DictConfig):
+    """The held-out (eval split) red-team and helpfulness prompts, capped per kind."""
+    from cai.critique import load_inputs
+
+    _, prompt_set = load_inputs(cfg)
+    held_out = prompt_set.split("eval")
+    red = held_out.red_team[: cfg.eval.max_red_team]
+    helpful = held_out.helpful[: cfg.eval.max_helpful]
+    if not red and not helpful:
+        raise ConfigError("No held-out prompts to evaluate on: check data.eval_percent.")
+    return red + helpful
+
+
+def sample_answers(cfg: DictConfig, players: dict[str, DictConfig], prompts, work_dir: Path):
+    """samples.jsonl records, one per (player, prompt, sample); resumable per player."""
+    from cai.critique import engine_tokenizer, request_seed
+    from cai.generation import Request, build_engine
+    from cai.prompting import answer_prompt
+
+    node = cfg.eval
+    parts = PartWriter(work_dir / "sample_parts")
+    for index, (name, model_cfg) in enumerate(tqdm(players.items(), desc="eval models")):
+        if parts.done(index):
+            continue
+        engine = build_engine(cfg.generation, model_cfg, cfg.paths.cache_dir)
+        tokenizer = engine_tokenizer(engine, cfg)
+        jobs = [(p, k) for p in prompts for k in range(int(node.samples_per_prompt))]
+        requests = [
+            Request(
+                answer_prompt(tokenizer, p.text, cfg.model.prompt_format),
+                max_new_tokens=int(node.max_new_tokens),
+                temperature=float(node.temperature),
+                seed=request_seed(cfg.seed, "eval", p.id, k),  # same seed for every model
+            )
+            for p, k in jobs
+        ]
+        answers = engine.generate(requests, desc=f"eval answers {name}")
+        parts.write(
+            index,
+            [
+                {
+                    "player": name,
+                    "prompt_id": p.id,
+                    "kind": p.kind,
+                    "prompt": p.text,
+                    "sample": k,
+                    "answer": a.text,
+                    "tokens": a.num_tokens,
+                    "finish": a.finish_reason,
+                }
+                for (p, k), a in zip(jobs, answers, strict=True)
+            ],
+        )
+        del engine
+        gc.collect()
+    return parts.read_all()
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Judgements: every pair of players on the same prompt and sample
+
+
+def pair_keys(samples: list[dict]) -> list[tuple[str, str, int, str, str]]:
+    """(kind, prompt_id, sample, player_a, player_b) for every pair of players, a before b in
+    the order players first appear."""
+    order = list(dict.fromkeys(s["player"] for s in samples))
+    prompts = list(dict.fromkeys((s["kind"], s["prompt_id"], s["sample"]) for s in samples))
+    return [
+        (kind, pid, k, a, b)
+        for kind, pid, k in prompts
+        for a, b in itertools.combinations(order, 2)
+    ]
+
+
+def pm_judgements(samples: list[dict], scores: list[float], judge: str, kind: str) -> list[dict]:
+    """PM judgements of prompts of `kind`: p(A better) = sigmoid(r_A - r_B)."""
+    by_key = {
+        (s["prompt_id"], s["sample"], s["player"]): r for s, r in zip(samples, scores, strict=True)
+    }
+    out = []
+    for k, pid, sample, a, b in pair_keys(samples):
+        if k != kind:
+            continue
+        margin = by_key[(pid, sample, a)] - by_key[(pid, sample, b)]
+        p_a = 1.0 / (1.0 + math.exp(-margin))
+        out.append(_judgement(judge, kind, pid, sample, a, b, p_a))
+    return out
+
+
+def _judgement(judge, kind, prompt_id, sample, a, b, p_a) -> dict:
+    return {
+        "judge": judge,
+        "dimension": DIMENSION_OF_KIND[kind],
+        "prompt_id": prompt_id,
+        "sample": sample,
+        "player_a": a,
+        "player_b": b,
+        "p_a": p_a,
+    }
+
+
+def ai_feedback_judgements(
+    cfg: DictConfig, samples: list[dict], upstream: dict[str, Artifact], work_dir: Path
+) -> list[dict]:
+    """The AI feedback model's judgement of a seeded subset of the pairs (at most
+    eval.ai_feedback.max_comparisons per kind), both answer orders averaged."""
+    from cai.config import model_cfg_for
+    from cai.critique import load_inputs
+    from cai.feedback import Comparison, FeedbackPrompts, FeedbackSettings, label_comparisons
+    from cai.generation import build_engine
+
+    node = cfg.eval.ai_feedback
+    answers = {(s["prompt_id"], s["sample"], s["player"]): s for s in samples}
+    keys = pair_keys(samples)
+    chosen = []
+    for kind in DIMENSION_OF_KIND:
+        of_kind = [key for key in keys if key[0] == kind]
+        limit = node.max_comparisons
+        if limit is not None and len(of_kind) > int(limit):
+            of_kind = random.Random(f"{cfg.seed}/eval-ai-judge/{kind}").sample(of_kind, int(limit))
+        chosen += sorted(of_kind)
+    comparisons = [
+        Comparison(
+            f"eval/{pid}/{k}/{a}/{b}",
+            answers[(pid, k, a)]["prompt"],
+            (answers[(pid, k, a)]["answer"], answers[(pid, k, b)]["answer"]),
+            kind,
+        )
+        for kind, pid, k, a, b in chosen
+    ]
+    if not comparisons:
+        return []
+    constitution, _ = load_inputs(cfg)
+    prompts = FeedbackPrompts(constitution, str(node.helpfulness_principle))
+    settings = FeedbackSettings(num_principles=int(node.num_principles), swap=bool(node.swap))
+    engine = None
+    parts = PartWriter(work_dir / "judge_parts")
+    chunk = int(node.chunk_size)
+    for start in tqdm(range(0, len(comparisons), chunk), desc="ai judge chunks", unit="chunk"):
+        if parts.done(start // chunk):
+            continue
+        if engine is None:
+            model_cfg = model_cfg_for(cfg, str(node.model), "eval.ai_feedback.model", upstream)
+            engine = build_engine(cfg.generation, model_cfg, cfg.paths.cache_dir)
+        labels = label_comparisons(
+            engine, prompts, comparisons[start : start + chunk], settings, int(cfg.seed)
+        )
+        parts.write(
+            start // chunk,
+            [
+                _judgement("ai_feedback", kind, pid, k, a, b, label["p_a"])
+                | {"principles": label["principles"], "position_bias": label["position_bias"]}
+                for (kind, pid, k, a, b), label in zip(
+                    chosen[start : start + chunk], labels, strict=True
+                )
+            ],
+        )
+    return parts.read_all()
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Per-model measures: refusals, boilerplate, PM scores
+
+
+def phrase_rate(answers: list[str], phrases) -> float:
+    """Fraction of answers containing any of `phrases` (case-insensitive)."""
+    if not answers:
+        return 0.0
+    pattern = re.compile("|".join(re.escape(p) for p in phrases), re.IGNORECASE)
+    return sum(bool(pattern.search(a)) for a in answers) / len(answers)
+
+
+def mean_interval(values: list[float]) -> tuple[float, float, float]:
+    """Mean and a normal 95% interval (mean +- 1.96 standard errors)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, mean, mean
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = 1.96 * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def point_row(cfg: DictConfig, point: Point, **fields) -> dict:
+    """A result row about one point (model) of a series."""
+    from cai.results import row
+
+    return row(
+        stage="eval",
+        model=cfg.model.name,
+        parameters=cfg.model.get("params", ""),
+        method=point.series,
+        revisions=point.revisions,
+        cot=point.cot,
+        rl_sequences=point.rl_sequences,
+        **fields,
+    )
+
+
+def elo_rows(cfg: DictConfig, points: list[Point], judgements: list[dict]) -> list[dict]:
+    """Elo per point, per (judge, dimension): Bradley-Terry over all of that judge's pairwise
+    judgements, the anchor (eval.anchor, SL-CAI) at 0, 95% bootstrap interval over prompts."""
+    from cai.eval.elo import Comparisons, bootstrap_elo
+
+    players = list(dict.fromkeys(p.player for p in points))
+    index = {name: i for i, name in enumerate(players)}
+    anchor = next(p.player for p in points if p.series == cfg.eval.anchor)
+    rows = []
+    for judge, dimension in sorted({(j["judge"], j["dimension"]) for j in judgements}):
+        these = [j for j in judgements if j["judge"] == judge and j["dimension"] == dimension]
+        group = {pid: g for g, pid in enumerate(sorted({j["prompt_id"] for j in these}))}
+        comparisons = Comparisons.from_records(
+            [
+                (index[j["player_a"]], index[j["player_b"]], j["p_a"], group[j["prompt_id"]])
+                for j in these
+            ]
+        )
+        elo, low, high = bootstrap_elo(
+            comparisons, len(players), index[anchor], int(cfg.eval.bootstrap), int(cfg.seed)
+        )
+        for point in points:
+            i = index[point.player]
+            n = sum(point.player in (j["player_a"], j["player_b"]) for j in these)
+            if n == 0 and point.player != anchor:  # never judged: no rating to report
+                continue
+            rows.append(
+                point_row(
+                    cfg,
+                    point,
+                    eval=dimension,
+                    judge=judge,
+                    metric="elo",
+                    value=float(elo[i]),
+                    low=float(low[i]),
+                    high=float(high[i]),
+                    n=n,
+                )
+            )
+    return rows
+
+
+def model_rows(
+    cfg: DictConfig, points: list[Point], samples: list[dict], scores: dict[str, list[float]]
+) -> list[dict]:
+    """Per point and prompt kind: mean PM score per judge (and their sum, the HH score, as in
+    Figure 5), refusal or evasion rate, boilerplate rate, answer length."""
+    from cai.results import wilson_interval
+
+    scores = with_hh_score(scores)
+    rows = []
+    for point in points:
+        for kind in DIMENSION_OF_KIND:
+            mine = [
+                i
+                for i, s in enumerate(samples)
+                if s["player"] == point.player and s["kind"] == kind
+            ]
+            if not mine:
+                continue
+            answers = [samples[i]["answer"] for i in mine]
+            for metric, phrases in (
+                ("refusal_rate", cfg.eval.refusal_phrases),
+                ("boilerplate_rate", cfg.eval.boilerplate_phrases),
+            ):
+                rate = phrase_rate(answers, phrases)
+                low, high = wilson_interval(rate * len(mine), len(mine))
+                rows.append(
+                    point_row(
+                        cfg,
+                        point,
+                        eval=kind,
+                        metric=metric,
+                        value=rate,
+                        low=low,
+                        high=high,
+                        n=len(mine),
+                    )
+                )
+            tokens = mean_interval([float(samples[i]["tokens"]) for i in mine])
+            rows.append(
+                point_row(
+                    cfg,
+                    point,
+                    eval=kind,
+                    metric="answer_tokens",
+                    value=tokens[0],
+                    low=tokens[1],
+                    high=tokens[2],
+                    n=len(mine),
+                )
+            )
+            for judge, values in scores.items():
+                mean, low, high = mean_interval([values[i] for i in mine])
+                rows.append(
+                    point_row(
+                        cfg,
+                        point,
+                        eval=kind,
+                        judge=judge,
+                        metric="pm_score",
+                        value=mean,
+                        low=low,
+                        high=high,
+                        n=len(mine),
+                    )
+                )
+    return rows
+
+
+def with_hh_score(scores: dict[str, list[float]]) -> dict[str, list[float]]:
+    """Add `pm_hh` = harmlessness + helpfulness PM score per answer when both judges exist."""
+    parts = ("pm_harmlessness", "pm_helpfulness")
+    if all(p in scores for p in parts):
+        scores = {
+            **scores,
+            "pm_hh": [a + b for a, b in zip(*(scores[p] for p in parts), strict=True)],
+        }
+    return scores
+
+
+def revision_rows(cfg: DictConfig, sl_artifact: Artifact, pm_judges: dict) -> list[dict]:
+    """Figure 5: mean PM score of the initial answer (0) and of each revision n of the SL data's
+    red-team prompts (the first eval.max_revision_prompts), per judge and for their sum."""
+    from cai.eval.judges import judge_name
+    from cai.modules.pm import answer_turns
+    from cai.results import row
+
+    records = read_jsonl(sl_artifact.file("red_team.jsonl"))[: cfg.eval.max_revision_prompts]
+    if not records:
+        return []
+    rounds = min(len(r["revisions"]) for r in records)
+    texts = [
+        (n, r["prompt"], r["initial"] if n == 0 else r["revisions"][n - 1]["revision"])
+        for r in records
+        for n in range(rounds + 1)
+    ]
+    scores = {
+        judge_name(d): pm.score([answer_turns(p, t) for _, p, t in texts], progress=True)
+        for d, pm in pm_judges.items()
+    }
+    rows = []
+    for judge, values in with_hh_score(scores).items():
+        for n in range(rounds + 1):
+            mean, low, high = mean_interval(
+                [v for (m, _, _), v in zip(texts, values, strict=True) if m == n]
+            )
+            rows.append(
+                row(
+                    stage="eval",
+                    model=cfg.model.name,
+                    parameters=cfg.model.get("params", ""),
+                    eval="red_team_sl",
+                    method="sl_revision",
+                    judge=judge,
+                    revisions=n,
+                    metric="pm_score",
+                    value=mean,
+                    low=low,
+                    high=high,
+                    n=len(records),
+                )
+            )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. The pipeline stage
+
+
+def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) -> dict:
+    """eval: samples.jsonl, judgements.jsonl and the result rows (Elo, PM scores, rates)."""
+    from cai.eval.judges import judge_name, load_judges
+    from cai.modules.pm import answer_turns
+    from cai.pipeline import build_with_upstream
+    from cai.results import write_rows
+
+    check_settings(cfg)
+    node = cfg.eval
+    points, players = plan_models(cfg, upstream, lambda v: build_with_upstream(v, "ppo"))
+    prompts = eval_prompts(cfg)
+    log.info("eval: %d models (%d distinct), %d prompts", len(points), len(players), len(prompts))
+    samples = sample_answers(cfg, players, prompts, work_dir)
+    write_jsonl_atomic(work_dir / "samples.jsonl", samples)
+    # PM judges score every answer; their pairwise judgements cover their own dimension
+    scores: dict[str, list[float]] = {}
+    judgements: list[dict] = []
+    pm_judges = load_judges(upstream["judge"]) if "pm" in node.judges else {}
+    dialogues = [answer_turns(s["prompt"], s["answer"]) for s in samples]
+    for dimension, judge in pm_judges.items():
+        name = judge_name(dimension)
+        scores[name] = judge.score(dialogues, progress=True)
+        kind = next(k for k, d in DIMENSION_OF_KIND.items() if d == dimension)
+        judgements += pm_judgements(samples, scores[name], name, kind)
+    if "ai_feedback" in node.judges:
+        judgements += ai_feedback_judgements(cfg, samples, upstream, work_dir)
+    if not judgements:
+        raise ConfigError(
+            "eval: no judgements were made. The PM judges need hh-rlhf data (paths.data_dir); "
+            "or add ai_feedback to eval.judges."
+        )
+    write_jsonl_atomic(work_dir / "judgements.jsonl", judgements)
+    rows = elo_rows(cfg, points, judgements) + model_rows(cfg, points, samples, scores)
+    rows += revision_rows(cfg, upstream["generate_sl"], pm_judges) if pm_judges else []
+    write_rows(work_dir / "rows.csv", rows)
+    for folder in ("sample_parts", "judge_parts"):
+        shutil.rmtree(work_dir / folder, ignore_errors=True)
+    elo = {
+        f"{r['judge']}/{r['eval']}/{r['method']}"
+        + (f"@{r['rl_sequences']}" if r["rl_sequences"] is not None else ""): round(r["value"], 1)
+        for r in rows
+        if r["metric"] == "elo"
+    }
+    return {
+        "models": [p.__dict__ for p in points],
+        "players": list(players),
+        "prompts": {k: sum(p.kind == k for p in prompts) for k in DIMENSION_OF_KIND},
+        "samples": len(samples),
+        "judgements": {
+            j: sum(x["judge"] == j for x in judgements) for j in {x["judge"] for x in judgements}
+        },
+        "pm_judges": sorted(scores),
+        "elo": elo,
+    }
