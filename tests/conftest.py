@@ -53,6 +53,21 @@ TINY_STAGES = [
 ]
 
 
+# The judge and eval stages shrunk the same way (they join TINY_STAGES runs of the full list).
+TINY_EVAL = [
+    "judge.max_train=8",
+    "judge.max_test=8",
+    "judge.max_hhh=8",
+    "judge.batch_size=4",
+    "eval.max_red_team=2",
+    "eval.max_helpful=2",
+    "eval.max_new_tokens=8",
+    "eval.bootstrap=50",
+    "eval.ai_feedback.max_comparisons=6",
+    "eval.max_revision_prompts=3",
+]
+
+
 def path_overrides(tmp: Path) -> list[str]:
     """Send every output of a run under `tmp` (the model cache stays shared)."""
     return [

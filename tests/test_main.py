@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from conftest import run_train
+from conftest import TINY_EVAL, run_train
 
 
 def test_main_command_on_the_embedded_model(tmp_path: Path):
@@ -25,11 +25,16 @@ def test_main_command_on_the_embedded_model(tmp_path: Path):
         "ppo.batch_size=2",
         "ppo.max_new_tokens=4",
         "ppo.snapshot_sequences=[2]",
+        *TINY_EVAL,
+        "eval.max_new_tokens=4",
+        "judge.max_train=4",
+        "judge.max_test=4",
+        "judge.max_hhh=4",
     ]
     done = run_train(args, tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     log = next((tmp_path / "outputs" / "runs").glob("*/*/train.log")).read_text()
-    stages = ["generate_sl", "sft", "generate_pairs", "feedback", "pm", "ppo"]
+    stages = ["generate_sl", "sft", "generate_pairs", "feedback", "pm", "ppo", "judge", "eval"]
     assert f"Model smollm2_135m (gguf_wheel), stages: {stages}" in log
     summary = json.loads(
         next((tmp_path / "outputs" / "runs").glob("*/*/pipeline_summary.json")).read_text()
@@ -48,7 +53,7 @@ def test_main_command_on_the_embedded_model(tmp_path: Path):
     again = run_train(args, tmp_path, timeout=600)  # second run: everything reused
     assert again.returncode == 0
     summaries = sorted((tmp_path / "outputs" / "runs").glob("*/*/pipeline_summary.json"))
-    assert [row["built"] for row in json.loads(summaries[-1].read_text())] == [False] * 6
+    assert [row["built"] for row in json.loads(summaries[-1].read_text())] == [False] * 8
     labels = (Path(summary[3]["path"]) / "labels.jsonl").read_text().splitlines()
     assert len(labels) == 3  # one soft label per red-team and helpfulness prompt
     from cai.modules.pm import PreferenceModel
@@ -58,6 +63,10 @@ def test_main_command_on_the_embedded_model(tmp_path: Path):
     rl_cai = Path(summary[5]["path"])
     assert (rl_cai / "snapshots" / "seq_00000002" / "model.safetensors").is_file()
     assert AutoModelForCausalLM.from_pretrained(rl_cai / "model").config.num_hidden_layers == 30
+    evaluation = json.loads((Path(summary[7]["path"]) / "manifest.json").read_text())["metrics"]
+    assert evaluation["players"] == ["helpful", "sl_cai", "rl_cai@2"]
+    assert (tmp_path / "figures" / "fig2_pareto.png").is_file()  # the run ends with the figures
+    assert len(list((tmp_path / "results" / "runs").glob("*.csv"))) == 2  # one per run
 
 
 def test_smoke_experiment(tmp_path: Path):

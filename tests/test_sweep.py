@@ -4,7 +4,7 @@ import json
 import re
 from pathlib import Path
 
-from conftest import run_train
+from conftest import TINY_EVAL, run_train
 
 TINY_SL = [
     "data.max_red_team=2",
@@ -23,6 +23,8 @@ TINY_SL = [
     "ppo.steps=1",
     "ppo.batch_size=2",
     "ppo.max_new_tokens=4",
+    "pipeline.figures=false",
+    *TINY_EVAL,
 ]
 
 
@@ -58,7 +60,7 @@ def test_size_sweep_with_tiny_stand_ins_runs_the_stages(tmp_path: Path):
     assert len(keys) == 2 and keys[0] != keys[1]  # one artifact per model size
     assert all(
         [row["stage"] for row in json.loads(p.read_text())]
-        == ["generate_sl", "sft", "generate_pairs", "feedback", "pm", "ppo"]
+        == ["generate_sl", "sft", "generate_pairs", "feedback", "pm", "ppo", "judge", "eval"]
         for p in summaries
     )
     manifests = list((tmp_path / "outputs" / "artifacts" / "generate_sl").glob("*/manifest.json"))

@@ -1,0 +1,221 @@
+"""The eval stage: judgements, Elo rows, per-model measures, settings; and the whole default
+pipeline on the tiny model writing every figure."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, TINY_EVAL, TINY_STAGES, run_train
+
+from cai.errors import ConfigError
+from cai.eval.compare import (
+    Point,
+    elo_rows,
+    mean_interval,
+    phrase_rate,
+    pm_judgements,
+    with_hh_score,
+)
+
+POINTS = [
+    Point("helpful", "helpful"),
+    Point("sl_cai", "sl_cai", revisions=4),
+    Point("rl_cai", "sl_cai", rl_sequences=0, revisions=4, cot=False),
+    Point("rl_cai", "rl_cai@8", rl_sequences=8, revisions=4, cot=False),
+]
+
+
+def samples_for(players, prompts=3, kind="red_team"):
+    return [
+        {"player": p, "prompt_id": f"q{i}", "kind": kind, "prompt": f"question {i}", "sample": 0}
+        for p in players
+        for i in range(prompts)
+    ]
+
+
+def test_pm_judgement_is_the_sigmoid_of_the_score_margin():
+    samples = samples_for(["a", "b"], prompts=2)
+    scores = [1.0, 0.0, 0.0, 2.0]  # a: q0 1.0, q1 0.0; b: q0 0.0, q1 2.0
+    judged = pm_judgements(samples, scores, "pm_harmlessness", "red_team")
+    assert [(j["prompt_id"], j["player_a"], j["player_b"]) for j in judged] == [
+        ("q0", "a", "b"),
+        ("q1", "a", "b"),
+    ]
+    assert judged[0]["p_a"] == pytest.approx(1 / (1 + math.exp(-1.0)))
+    assert judged[1]["p_a"] == pytest.approx(1 / (1 + math.exp(2.0)))
+    assert {j["dimension"] for j in judged} == {"harmlessness"}
+    assert pm_judgements(samples, scores, "pm_helpfulness", "helpful") == []  # other kind
+
+
+def _judgements(winner_over: dict, prompts=20):
+    """p_a = 1 when player_a is listed as beating player_b, 0 the other way, else 0.5."""
+    players = ["helpful", "sl_cai", "rl_cai@8"]
+    out = []
+    for q in range(prompts):
+        for i, a in enumerate(players):
+            for b in players[i + 1 :]:
+                p = 1.0 if (a, b) in winner_over else 0.0 if (b, a) in winner_over else 0.5
+                out.append(
+                    {
+                        "judge": "stub",
+                        "dimension": "harmlessness",
+                        "prompt_id": f"q{q}",
+                        "sample": 0,
+                        "player_a": a,
+                        "player_b": b,
+                        "p_a": p,
+                    }
+                )
+    return out
+
+
+def test_elo_rows_rank_winners_anchor_sl_cai_and_share_players(make_cfg):
+    cfg = make_cfg("model=tiny", "eval.bootstrap=30")
+    # rl_cai@8 beats everyone, helpful loses to everyone
+    beats = {("rl_cai@8", "helpful"), ("rl_cai@8", "sl_cai"), ("sl_cai", "helpful")}
+    rows = elo_rows(cfg, POINTS, _judgements(beats))
+    elo = {(r["method"], r["rl_sequences"]): r for r in rows}
+    assert elo[("sl_cai", None)]["value"] == 0.0  # the anchor
+    assert elo[("rl_cai", 0)]["value"] == 0.0  # RL-CAI before training is SL-CAI
+    assert elo[("rl_cai", 8)]["value"] > 0 > elo[("helpful", None)]["value"]
+    for r in rows:
+        assert r["low"] <= r["value"] <= r["high"]
+        assert r["judge"] == "stub" and r["eval"] == "harmlessness" and r["metric"] == "elo"
+        assert r["model"] == "tiny" and r["n"] == 40  # 2 opponents x 20 prompts
+
+
+def test_rates_and_scores():
+    assert phrase_rate(
+        ["I'm sorry, no.", "Sure! Here it is", "i CANNOT do that"], ["I'm sorry", "I cannot"]
+    ) == pytest.approx(2 / 3)
+    assert phrase_rate([], ["x"]) == 0.0
+    mean, low, high = mean_interval([1.0, 2.0, 3.0])
+    assert mean == 2.0 and low == pytest.approx(2 - 1.96 / math.sqrt(3))
+    both = with_hh_score({"pm_harmlessness": [1.0, 2.0], "pm_helpfulness": [0.5, -1.0]})
+    assert both["pm_hh"] == [1.5, 1.0]
+    assert "pm_hh" not in with_hh_score({"pm_harmlessness": [1.0]})
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("eval.models=[helpful,sl_cai,mystery]", "does not define"),
+        ("eval.models=[helpful,rl_cai]", "eval.anchor"),
+        ("eval.judges=[crowdworkers]", "eval.judges"),
+        ("eval.samples_per_prompt=0", "samples_per_prompt"),
+    ],
+)
+def test_bad_eval_settings_stop_before_any_work(make_cfg, override, message):
+    from cai.pipeline import run
+
+    cfg = make_cfg(*TINY_STAGES, override, "pipeline.stages=[generate_sl,sft,judge,eval]")
+    with pytest.raises(ConfigError, match=message):
+        run(cfg)
+    assert not Path(cfg.paths.artifact_dir, "generate_sl").exists()  # nothing was started
+
+
+EVAL_TINY = [
+    *TINY_STAGES,
+    "pm.max_eval=4",
+    "pm.max_hhh=4",
+    "pm.max_human=8",
+    "ppo.steps=2",
+    "ppo.batch_size=4",
+    "ppo.max_new_tokens=8",
+    "ppo.snapshot_sequences=[4]",
+    *TINY_EVAL,
+    "feedback.cot_max_tokens=8",
+]
+
+
+def test_default_pipeline_on_the_tiny_model_writes_every_figure(tmp_path, data_dir):
+    """`python src/train.py` (default stage list, every variant of the paper's Figure 2) on the
+    tiny model: eval rows for every model and judge, the run's rows in results/runs/, every
+    figure; then `src/make_figures.py` rebuilds the same figures from results/ alone."""
+    from cai.analysis.figures import FIGURES
+    from cai.analysis.gather import gather
+    from cai.results import read_rows
+
+    args = [
+        *EVAL_TINY,
+        "pipeline.figures=true",
+        f"paths.data_dir={data_dir}",
+        "eval.models=[helpful,sl_cai,rl_cai,rl_cai_cot,helpful_rlhf,hh_rlhf]",
+    ]
+    done = run_train(args, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = tmp_path / "figures"
+    expected = {f"{n}.{s}" for n in FIGURES for s in ("png", "pdf")} | {"elo_table.md"}
+    assert {p.name for p in figures.iterdir()} == expected
+    assert all((figures / name).stat().st_size > 1000 for name in expected)
+    # the run's rows were published to results/runs/
+    (published,) = (tmp_path / "results" / "runs").glob("*.csv")
+    rows = read_rows(published)
+    stages = {r["stage"] for r in rows}
+    assert {"pm", "judge", "eval"} <= stages
+    elo = [r for r in rows if r["metric"] == "elo"]
+    series = {r["method"] for r in elo}
+    assert series == {"helpful", "sl_cai", "rl_cai", "rl_cai_cot", "helpful_rlhf", "hh_rlhf"}
+    assert {(r["judge"], r["eval"]) for r in elo} >= {
+        ("pm_harmlessness", "harmlessness"),
+        ("ai_feedback", "harmlessness"),
+        ("ai_feedback", "helpfulness"),
+    }
+    assert all(float(r["value"]) == 0.0 for r in elo if r["method"] == "sl_cai")
+    snapshots = {r["rl_sequences"] for r in elo if r["method"] == "rl_cai"}
+    assert snapshots == {"0", "4", "8"}  # init, snapshot, final policy
+    revisions = [r for r in rows if r["method"] == "sl_revision"]
+    assert {r["revisions"] for r in revisions} == {"0", "1"}
+    judge_acc = [r for r in rows if r["stage"] == "judge" and r["metric"] == "accuracy"]
+    assert {r["eval"] for r in judge_acc} == {"hh_rlhf_harmless", "hhh"}
+    # the eval artifact: samples and judgements that load with standard tools
+    import datasets
+
+    (eval_dir,) = (tmp_path / "outputs" / "artifacts" / "eval").glob("*/")
+    samples = datasets.load_dataset(
+        "json", data_files=str(eval_dir / "samples.jsonl"), split="train"
+    )
+    manifest = json.loads((eval_dir / "manifest.json").read_text())
+    assert len(samples) == len(manifest["metrics"]["players"]) * 4
+    assert len(manifest["metrics"]["players"]) == 10  # helpful, SL-CAI, 4 RL runs x 2 snapshots
+    # the gathering command redraws the same figures from results/ alone
+    before = {p.name: p.stat().st_mtime_ns for p in figures.iterdir()}
+    command = [sys.executable, str(REPO / "src" / "make_figures.py")]
+    command += ["--results", str(tmp_path / "results"), "--figures", str(figures)]
+    assert subprocess.run(command, capture_output=True, timeout=300).returncode == 0
+    assert {p.name for p in figures.iterdir()} == set(before)
+    assert all(p.stat().st_mtime_ns > before[p.name] for p in figures.iterdir())
+    table = gather(tmp_path / "results", write=False)
+    assert len(table) == len(rows)  # one run: its rows, once
+    assert (tmp_path / "results" / "all_results.csv").is_file()
+    # the results notebook runs top to bottom on this run's outputs
+    run_notebook(
+        REPO / "notebooks" / "results.ipynb",
+        {
+            "CAI_RESULTS_DIR": str(tmp_path / "results"),
+            "CAI_ARTIFACT_DIR": str(tmp_path / "outputs" / "artifacts"),
+        },
+    )
+
+
+def run_notebook(path: Path, env: dict) -> dict:
+    """Execute a notebook's code cells in order in one namespace (no Jupyter needed)."""
+    import os
+
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        namespace: dict = {}
+        for cell in json.loads(path.read_text())["cells"]:
+            if cell["cell_type"] == "code":
+                exec(compile("".join(cell["source"]), f"{path.name} cell", "exec"), namespace)
+        return namespace
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
