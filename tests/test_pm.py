@@ -108,6 +108,9 @@ def test_scores_do_not_depend_on_batch_padding(tiny_pm):
     assert together == pytest.approx(alone, abs=1e-4)
     transcript = "\n\nHuman: Hi\n\nAssistant: Hello!"
     assert scorer.score([transcript])[0] == pytest.approx(alone[0], abs=1e-5)
+    # a token budget splits batches (one row each here) without changing a score
+    budget = PreferenceModel(model, tokenizer, "chat", batch_size=4, max_batch_tokens=40)
+    assert budget.score(dialogues) == pytest.approx(alone, abs=1e-4)
 
 
 def test_bad_labels_and_identical_pairs_are_skipped_and_counted():

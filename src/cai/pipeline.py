@@ -321,6 +321,7 @@ def _register_stages() -> None:
                 "pm",
                 pm.run_stage,
                 config_keys=("model", "pm", "trainer"),
+                version=2,  # 2: hh-rlhf accuracy on comparisons within pm.max_length
                 upstream=("feedback", "sft"),
                 ignore=(
                     "pm.checkpoint_every",
@@ -342,6 +343,7 @@ def _register_stages() -> None:
                 "judge",
                 judges.run_stage,
                 config_keys=("model", "judge", "trainer"),
+                version=2,  # 2: judge_test accuracy on comparisons within judge.max_length
                 ignore=("judge.checkpoint_every", "judge.eval_batch_size", *trainer_runtime),
                 content=lambda cfg: {"hh_rlhf_splits": pm_split_fingerprint()},
             ),

@@ -342,9 +342,10 @@ def elo_table(table: pd.DataFrame, paper: dict) -> str:
             "| model | series | RL sequences | judge | dimension | Elo | 95% interval | comparisons |",
             "|---|---|---|---|---|---|---|---|",
         ]
-        ordered = elo.assign(order=elo.rl_sequences.fillna(-1)).sort_values(
-            ["model", "judge", "eval", "method", "order"]
-        )
+        series = {name: i for i, name in enumerate(LABELS)}  # helpful, SL-CAI, RL runs, ...
+        ordered = elo.assign(
+            order=elo.rl_sequences.fillna(-1), series=elo.method.map(series).fillna(len(series))
+        ).sort_values(["model", "judge", "eval", "series", "method", "order"])
         for r in ordered.itertuples():
             seq = "" if pd.isna(r.rl_sequences) else str(int(r.rl_sequences))
             lines.append(

@@ -497,6 +497,16 @@ def with_hh_score(scores: dict[str, list[float]]) -> dict[str, list[float]]:
     return scores
 
 
+def revision_method(sl: DictConfig) -> str:
+    """The method name of revision rows: sl_revision for the paper's default (critique, every
+    principle); _direct without critiques (Figure 7); _p<k> with the first k principles
+    (Figure 6); _ids with an explicit principle list."""
+    name = "sl_revision" if sl.critique else "sl_revision_direct"
+    if sl.get("principle_ids"):
+        return f"{name}_ids"
+    return f"{name}_p{int(sl.num_principles)}" if sl.get("num_principles") else name
+
+
 def revision_rows(cfg: DictConfig, sl_artifact: Artifact, pm_judges: dict) -> list[dict]:
     """Figure 5: mean PM score of the initial answer (0) and of each revision n of the SL data's
     red-team prompts (the first eval.max_revision_prompts), per judge and for their sum."""
@@ -529,7 +539,7 @@ def revision_rows(cfg: DictConfig, sl_artifact: Artifact, pm_judges: dict) -> li
                     model=cfg.model.name,
                     parameters=cfg.model.get("params", ""),
                     eval="red_team_sl",
-                    method="sl_revision",
+                    method=revision_method(cfg.sl),
                     judge=judge,
                     revisions=n,
                     metric="pm_score",

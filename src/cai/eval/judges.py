@@ -67,7 +67,10 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
         scorer, trained = train_preference_model(
             cfg, node, comparisons, init_cfg, work_dir / dimension
         )
-        sets = {f"hh_rlhf_{subset.split('-')[0]}": test[: node.max_test]}
+        # held-out accuracy on the judge_test comparisons within the judge's max_length
+        test = [p for p in test if max(len(scorer.encode(t)) for t in p) <= int(node.max_length)]
+        test = test[: node.max_test]
+        sets = {f"hh_rlhf_{subset.split('-')[0]}": test}
         if dimension == "harmlessness":  # HHH: Figure 4's "PM trained on human feedback" series
             sets["hhh"] = hhh_pairs(cfg.paths.data_dir)[: node.max_hhh]
         common = {

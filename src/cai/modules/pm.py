@@ -177,9 +177,16 @@ class PreferenceModel:
     """A trained PM: `score(dialogues)` -> one reward per dialogue (a list of turns, or a
     "Human: .. Assistant: .." transcript)."""
 
-    def __init__(self, model, tokenizer, prompt_format: str, batch_size: int = 16):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        prompt_format: str,
+        batch_size: int = 16,
+        max_batch_tokens: int = 8192,
+    ):
         self.model, self.tokenizer, self.format = model, tokenizer, prompt_format
-        self.batch_size = batch_size
+        self.batch_size, self.max_batch_tokens = batch_size, max_batch_tokens
 
     @property
     def device(self) -> torch.device:
@@ -216,14 +223,24 @@ class PreferenceModel:
 
     @torch.no_grad()
     def score(self, dialogues: list, progress: bool = False) -> list[float]:
+        """One reward per dialogue. Sorted by length, batched up to `batch_size` dialogues and
+        `max_batch_tokens` padded tokens (a few long dialogues never take a 16-row batch)."""
         encoded = [self.encode(d) for d in dialogues]
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        batches, batch = [], []
+        for i in order:  # ascending lengths: the newest member is the widest
+            if batch and (
+                len(batch) == self.batch_size
+                or (len(batch) + 1) * len(encoded[i]) > self.max_batch_tokens
+            ):
+                batches.append(batch)
+                batch = []
+            batch.append(i)
+        if batch:
+            batches.append(batch)
         out = [0.0] * len(encoded)
         pad = self.tokenizer.pad_token_id
-        for start in tqdm(
-            range(0, len(order), self.batch_size), disable=not progress, desc="pm scores"
-        ):
-            batch = order[start : start + self.batch_size]
+        for batch in tqdm(batches, disable=not progress, desc="pm scores"):
             width = max(len(encoded[i]) for i in batch)
             ids = torch.full((len(batch), width), pad, dtype=torch.long)
             for row, i in enumerate(batch):
@@ -382,14 +399,17 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
     }
 
 
-def human_eval_sets(data_dir: str | None, split: str, max_human: int | None, max_hhh: int | None):
-    """Pairs (preferred, other) to measure a PM on: hh-rlhf harmless-base `split` and HHH 438."""
+def human_eval_sets(
+    data_dir: str | None, split: str, max_human: int | None, max_hhh: int | None, fits=None
+):
+    """Pairs (preferred, other) to measure a PM on: hh-rlhf harmless-base `split` (the first
+    `max_human` for which `fits(pair)` holds, e.g. within the PM's max_length) and HHH 438."""
     from cai.data import hh_rlhf_comparisons
 
     sets = {}
     if data_dir:
         human = hh_rlhf_comparisons(data_dir, "harmless-base", split)
-        sets["hh_rlhf_harmless"] = human[:max_human]
+        sets["hh_rlhf_harmless"] = [p for p in human if fits is None or fits(p)][:max_human]
         sets["hhh"] = hhh_pairs(data_dir)[:max_hhh]
     else:
         log.warning("paths.data_dir is not set: the PM is not evaluated on human comparisons.")
@@ -426,8 +446,16 @@ def score_pair_sets(scorer: PreferenceModel, sets: dict, common: dict) -> tuple[
 
 
 def evaluate(cfg: DictConfig, scorer: PreferenceModel, name: str, parameters: int):
-    """PM accuracy, margin and ECE on hh-rlhf harmless `pm_eval` and on the 438 HHH pairs."""
-    sets = human_eval_sets(cfg.paths.data_dir, "pm_eval", cfg.pm.max_eval, cfg.pm.max_hhh)
+    """PM accuracy, margin and ECE on hh-rlhf harmless `pm_eval` (comparisons within
+    pm.max_length) and on the 438 HHH pairs."""
+    limit = int(cfg.pm.max_length)
+    sets = human_eval_sets(
+        cfg.paths.data_dir,
+        "pm_eval",
+        cfg.pm.max_eval,
+        cfg.pm.max_hhh,
+        fits=lambda pair: max(len(scorer.encode(t)) for t in pair) <= limit,
+    )
     common = {
         "stage": "pm",
         "model": name,
