@@ -2,9 +2,13 @@
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
-from conftest import TINY_EVAL, run_train
+from conftest import REPO, TINY_EVAL, run_train
+
+from cai.results import read_rows
 
 TINY_SL = [
     "data.max_red_team=2",
@@ -47,37 +51,57 @@ def test_size_sweep_launches_one_job_per_size(tmp_path: Path):
     assert names == ["smollm2_1.7b", "smollm2_135m", "smollm2_360m"]
 
 
-def test_size_sweep_with_tiny_stand_ins_runs_the_stages(tmp_path: Path):
-    done = run_train(
-        ["-m", "model=size_sweep", "model.preset=tiny,tiny_2x", "sl.num_revisions=2", *TINY_SL],
-        tmp_path,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert len(launched(done.stdout + done.stderr)) == 2
-    summaries = sorted((tmp_path / "outputs" / "multirun").glob("*/*/*/pipeline_summary.json"))
-    keys = [json.loads(p.read_text())[0]["key"] for p in summaries]
-    assert len(keys) == 2 and keys[0] != keys[1]  # one artifact per model size
-    assert all(
-        [row["stage"] for row in json.loads(p.read_text())]
-        == ["generate_sl", "sft", "generate_pairs", "feedback", "pm", "ppo", "judge", "eval"]
-        for p in summaries
-    )
-    manifests = list((tmp_path / "outputs" / "artifacts" / "generate_sl").glob("*/manifest.json"))
-    assert sorted(json.loads(m.read_text())["config"]["model"]["name"] for m in manifests) == [
-        "tiny",
-        "tiny_2x",
+def summaries_of(tmp_path: Path, launch: str) -> list[list[dict]]:
+    """The pipeline summaries of the jobs of the multirun launched at `launch` (a folder)."""
+    return [json.loads(p.read_text()) for p in sorted(Path(launch).glob("*/pipeline_summary.json"))]
+
+
+def multirun_folders(tmp_path: Path) -> list[Path]:
+    return sorted((tmp_path / "outputs" / "multirun").glob("*/*"))
+
+
+def test_the_three_sweeps_share_upstream_and_feed_one_table_of_figures(tmp_path: Path):
+    """The user's commands: -m model=size_sweep, -m sl.num_revisions=0,1,2,3,4 and
+    -m feedback.cot=false,true (the last with the joblib launcher: two jobs at once that need
+    the same SL data and SL-CAI model), then the figure command on results/."""
+    runs = [
+        ["-m", "model=size_sweep", "model.preset=tiny,tiny_2x", "sl.num_revisions=2"],
+        ["-m", "model=tiny", "sl.generate_revisions=4", "sl.num_revisions=0,1,2,3,4"],
+        ["-m", "model=tiny", "sl.num_revisions=2", "feedback.cot=false,true"]
+        + ["feedback.cot_max_tokens=4", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
     ]
-
-
-def test_sibling_jobs_share_upstream_artifacts(tmp_path: Path):
-    """A sweep over a setting the SL data does not depend on builds the data once."""
-    done = run_train(["-m", "model=tiny", "sl.num_revisions=1,2", *TINY_SL], tmp_path, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    summaries = sorted((tmp_path / "outputs" / "multirun").glob("*/*/*/pipeline_summary.json"))
-    rows = [json.loads(p.read_text()) for p in summaries]
-    sl_rows, sft_rows = [r[0] for r in rows], [r[1] for r in rows]
-    assert len({r["key"] for r in sl_rows}) == 1 and [r["built"] for r in sl_rows] == [True, False]
-    assert len({r["key"] for r in sft_rows}) == 2 and all(
-        r["built"] for r in sft_rows
-    )  # SL-CAI-1, SL-CAI-2
+    folders = []
+    for args in runs:
+        keys = {a.split("=")[0] for a in args}
+        tiny = [a for a in TINY_SL if a.split("=")[0] not in keys]
+        done = run_train([*args, *tiny], tmp_path, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        folders.append(next(f for f in multirun_folders(tmp_path) if f not in folders))
+    stages = ["generate_sl", "sft", "generate_pairs", "feedback", "pm", "ppo", "judge", "eval"]
+    sizes, revisions, cot = (summaries_of(tmp_path, f) for f in folders)
+    assert len(sizes) == 2 and len(revisions) == 5 and len(cot) == 2
+    assert all([r["stage"] for r in job] == stages for job in sizes + revisions + cot)
+    assert sizes[0][0]["key"] != sizes[1][0]["key"]  # one SL data set per model size
+    # revisions: the SL data is generated once, SL-CAI-n trained once per n
+    assert len({job[0]["key"] for job in revisions}) == 1
+    assert [job[0]["built"] for job in revisions] == [True] + [False] * 4
+    assert len({job[1]["key"] for job in revisions}) == 5
+    # CoT feedback: both jobs share SL data and SL-CAI (built by one, waited for by the other)
+    assert len({job[1]["key"] for job in cot}) == 1
+    assert sorted(job[0]["built"] for job in cot) == [False, True]
+    assert sorted(job[1]["built"] for job in cot) == [False, True]
+    assert len({job[3]["key"] for job in cot}) == 2  # plain and CoT labels
+    # one table from every job, and the figures drawn from it
+    command = [sys.executable, str(REPO / "src" / "make_figures.py")]
+    command += ["--results", str(tmp_path / "results"), "--figures", str(tmp_path / "figures")]
+    assert subprocess.run(command, capture_output=True, timeout=300).returncode == 0
+    table = read_rows(tmp_path / "results" / "all_results.csv")
+    assert len(list((tmp_path / "results" / "runs").glob("*.csv"))) == 9  # one per job
+    assert {r["model"] for r in table if r["stage"] == "eval"} == {"tiny", "tiny_2x"}
+    sl_cai = {r["revisions"] for r in table if r["method"] == "sl_cai" and r["metric"] == "elo"}
+    assert sl_cai == {"0", "1", "2", "3", "4"}
+    assert {r["cot"] for r in table if r["method"] == "rl_cai" and r["metric"] == "elo"} == {
+        "True",
+        "False",
+    }
+    assert (tmp_path / "figures" / "fig3_scaling.png").is_file()

@@ -31,6 +31,7 @@ from cai.artifacts import (
     write_text_atomic,
 )
 from cai.errors import ArtifactError, ConfigError
+from cai.modules.training import is_follower
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,9 @@ class Stage:
     ignore: tuple[str, ...] = field(default=())  # dotted keys inside config_keys that do not matter
     content: Callable[[DictConfig], dict] | None = None  # fingerprints of input files, for the key
     check: Callable[[DictConfig], None] | None = None  # raises ConfigError on bad settings
+    distributed: bool = False  # trains with Lightning: every process of a multi-device run joins
+    follower_walk: Callable[[DictConfig], None] | None = None  # what a follower process does
+    # instead of waiting (eval: walk the RL variants' chains, joining their training)
 
 
 # Filled by `_register_stages()` at the end of this module; tests may add their own.
@@ -108,11 +112,17 @@ def run(cfg: DictConfig) -> dict[str, Artifact]:
     store = ArtifactStore(cfg.paths.artifact_dir)
     artifacts: dict[str, Artifact] = {}
     summary = []
+    follower = is_follower()
+    if follower:
+        log.info("Follower process of a multi-device run: joining training, writing nothing.")
     for name in stages:
         start = time.perf_counter()
-        artifact, built = ensure_artifact(
-            cfg, name, store, artifacts, force=bool(cfg.pipeline.force)
-        )
+        if follower:
+            artifact, built = follow(cfg, name, store, artifacts), False
+        else:
+            artifact, built = ensure_artifact(
+                cfg, name, store, artifacts, force=bool(cfg.pipeline.force)
+            )
         artifacts[name] = artifact
         summary.append(
             {
@@ -125,7 +135,7 @@ def run(cfg: DictConfig) -> dict[str, Artifact]:
         )
         log.info("%s %s: %s", name, "built" if built else "reused", artifact.path)
     output_dir = _hydra_output_dir()
-    if output_dir is not None:
+    if output_dir is not None and not follower:
         write_json_atomic(Path(output_dir) / "pipeline_summary.json", summary)
         if _gather_rows(artifacts, Path(output_dir) / "results.csv"):
             _publish(cfg, Path(output_dir))
@@ -200,7 +210,12 @@ def ensure_artifact(
         work_dir = store.start(name, key, fresh=force)
         log.info("Building %s (key %s) in %s", name, key, work_dir)
         started = time.time()
-        metrics = stage.fn(cfg, upstream, work_dir) or {}
+        try:
+            metrics = stage.fn(cfg, upstream, work_dir) or {}
+        except Exception as error:
+            if (storage := _storage_error(name, work_dir, error)) is None:
+                raise
+            raise storage from error
         _stamp_rows(work_dir / "rows.csv", key)
         manifest = {
             **inputs,
@@ -213,6 +228,26 @@ def ensure_artifact(
             "versions": _versions(),
         }
         return store.finish(name, key, manifest), True
+
+
+def _storage_error(name: str, work_dir: Path, error: Exception) -> ArtifactError | None:
+    """A full disk or an unwritable folder (an OSError, or safetensors' own error type): one
+    message naming the path. None for any other error, which passes through unchanged."""
+    import errno
+
+    storage = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+    if isinstance(error, OSError):
+        if error.errno not in storage:
+            return None
+    elif "No space left on device" not in str(error):
+        return None
+    path = getattr(error, "filename", None) or work_dir
+    reason = getattr(error, "strerror", None) or str(error)
+    return ArtifactError(
+        f"Stage {name!r} could not write {path}: {reason}. Free space or fix permissions (or "
+        f"point paths.output_dir elsewhere), then run the same command again: the finished "
+        f"work in {work_dir} is kept and resumed."
+    )
 
 
 def build_with_upstream(cfg: DictConfig, name: str) -> dict[str, Artifact]:
@@ -228,10 +263,46 @@ def build_with_upstream(cfg: DictConfig, name: str) -> dict[str, Artifact]:
                 ensure(upstream)
         if stage.check is not None:
             stage.check(cfg)
-        built[stage_name], _ = ensure_artifact(cfg, stage_name, store, built)
+        if is_follower():
+            built[stage_name] = follow(cfg, stage_name, store, built)
+        else:
+            built[stage_name], _ = ensure_artifact(cfg, stage_name, store, built)
 
     ensure(name)
     return built
+
+
+def follow(cfg: DictConfig, name: str, store: ArtifactStore, this_run: dict) -> Artifact:
+    """What a follower process (a second device's process, `is_follower()`) does for a stage:
+    take part in its training (distributed stages: the same stage function, which joins rank
+    0's fit and writes nothing), then wait for global rank 0 to finish the artifact. It never
+    builds, locks or writes an artifact, so the processes of one run cannot contend."""
+    stage = get_stage(name)
+    key = artifact_key(cfg, name)
+    if not cfg.pipeline.force and (done := store.get(name, key)) is not None:
+        return done  # finished before this run: rank 0 reuses it too, no training to join
+    if stage.follower_walk is not None:
+        stage.follower_walk(cfg)
+    elif stage.distributed:
+        upstream = {u: this_run.get(u) or wait_for(cfg, store, u) for u in stage.upstream}
+        work_dir = store.work_folder(name, key)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        stage.fn(cfg, upstream, work_dir)
+    return wait_for(cfg, store, name)
+
+
+def wait_for(cfg: DictConfig, store: ArtifactStore, name: str) -> Artifact:
+    """Block until global rank 0 has finished stage `name`'s artifact for `cfg`."""
+    key = artifact_key(cfg, name)
+    deadline = time.time() + float(cfg.pipeline.get("follower_timeout_s", 86400))
+    while (artifact := store.get(name, key)) is None:
+        if time.time() > deadline:
+            raise ArtifactError(
+                f"Waited pipeline.follower_timeout_s for global rank 0 to finish {name} ({key}) "
+                f"in {store.root}; did the rank 0 process stop? See its log."
+            )
+        time.sleep(1.0)
+    return artifact
 
 
 def _require(cfg: DictConfig, name: str, store: ArtifactStore, needed_by: str) -> Artifact:
@@ -296,6 +367,7 @@ def _register_stages() -> None:
             "sft": Stage(
                 "sft",
                 sft.run_stage,
+                distributed=True,
                 config_keys=("model", "sft", "sl.num_revisions", "trainer"),
                 upstream=("generate_sl",),
                 ignore=("sft.checkpoint_every", *trainer_runtime),
@@ -320,6 +392,7 @@ def _register_stages() -> None:
             "pm": Stage(
                 "pm",
                 pm.run_stage,
+                distributed=True,
                 config_keys=("model", "pm", "trainer"),
                 version=2,  # 2: hh-rlhf accuracy on comparisons within pm.max_length
                 upstream=("feedback", "sft"),
@@ -333,6 +406,7 @@ def _register_stages() -> None:
             "ppo": Stage(
                 "ppo",
                 ppo.run_stage,
+                distributed=True,
                 config_keys=("model", "data", "ppo", "trainer"),
                 upstream=("sft", "pm"),
                 ignore=("ppo.checkpoint_every", *trainer_runtime),
@@ -342,6 +416,7 @@ def _register_stages() -> None:
             "judge": Stage(
                 "judge",
                 judges.run_stage,
+                distributed=True,
                 config_keys=("model", "judge", "trainer"),
                 version=2,  # 2: judge_test accuracy on comparisons within judge.max_length
                 ignore=("judge.checkpoint_every", "judge.eval_batch_size", *trainer_runtime),
@@ -362,6 +437,9 @@ def _register_stages() -> None:
                 ignore=("eval.ai_feedback.chunk_size", *runtime_only),
                 content=compare.stage_inputs,
                 check=compare.check_settings,
+                follower_walk=lambda cfg: [
+                    build_with_upstream(v, "ppo") for v in compare.rl_variants(cfg).values()
+                ],
             ),
             "eval_hhh": Stage(
                 "eval_hhh",

@@ -284,6 +284,74 @@ def figure5(table: pd.DataFrame, paper: dict):
 
 
 # ---------------------------------------------------------------------------------------------
+# Figures 6 and 7: the SL ablations (numbers of principles; critiques against direct revisions)
+
+
+def _revision_lines(ax, rows: pd.DataFrame, label_of) -> None:
+    for (method, model), group in rows.groupby(["method", "model"]):
+        group = group.groupby("revisions", as_index=False)[["value", "low", "high"]].mean()
+        ax.errorbar(
+            group.revisions,
+            group.value,
+            yerr=[group.value - group.low, group.high - group.value],
+            fmt="o-",
+            capsize=2,
+            label=f"{label_of(method)} ({model})",
+        )
+    ax.set(xlabel="Number of revisions", ylabel="Harmlessness PM score (pm_harmlessness)")
+    ax.legend(fontsize=7)
+
+
+def _principles(method: str) -> str:
+    suffix = method.removeprefix("sl_revision").removeprefix("_direct")
+    return (
+        f"{suffix.removeprefix('_p')} principles" if suffix.startswith("_p") else "all principles"
+    )
+
+
+def figure6(table: pd.DataFrame, paper: dict):
+    rows = table[
+        table.method.str.match(r"^sl_revision(_p\d+)?$")
+        & (table.metric == "pm_score")
+        & (table.judge == "pm_harmlessness")
+    ]
+    fig, ax = plt.subplots(figsize=(7, 5))
+    if rows.empty:
+        _empty(ax, "revision scores (python src/train.py -m experiment=fig6_principles)")
+    else:
+        _revision_lines(ax, rows, _principles)
+    ax.set_title(
+        "Figure 6: harmlessness PM score of revisions by number of principles\n"
+        "(this project; the paper's values are not digitised here: see Bai et al. 2022, Fig. 6)"
+    )
+    ax.title.set_fontsize(9)
+    fig.tight_layout()
+    return fig
+
+
+def figure7(table: pd.DataFrame, paper: dict):
+    rows = table[
+        table.method.isin(["sl_revision", "sl_revision_direct"])
+        & (table.metric == "pm_score")
+        & (table.judge == "pm_harmlessness")
+    ]
+    fig, ax = plt.subplots(figsize=(7, 5))
+    if rows.empty:
+        _empty(ax, "revision scores (python src/train.py -m experiment=fig7_critique_vs_direct)")
+    else:
+        _revision_lines(
+            ax, rows, lambda m: "direct revision" if m.endswith("direct") else "critiqued revision"
+        )
+    ax.set_title(
+        "Figure 7: critiqued against direct revisions\n"
+        "(this project; the paper's values are not digitised here: see Bai et al. 2022, Fig. 7)"
+    )
+    ax.title.set_fontsize(9)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
 # Figure 8: Elo against RL training sequences
 
 
@@ -370,6 +438,8 @@ FIGURES = {
     "fig3_scaling": figure3,
     "fig4_hhh": figure4,
     "fig5_revisions": figure5,
+    "fig6_principles": figure6,
+    "fig7_critique_vs_direct": figure7,
     "fig8_rl_sequences": figure8,
 }
 

@@ -44,6 +44,7 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
         train_preference_model,
         transcript_turns,
     )
+    from cai.modules.training import is_follower
     from cai.results import write_rows
 
     node = cfg.judge
@@ -67,6 +68,8 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
         scorer, trained = train_preference_model(
             cfg, node, comparisons, init_cfg, work_dir / dimension
         )
+        if is_follower():  # several processes: global rank 0 evaluates and writes
+            continue
         # held-out accuracy on the judge_test comparisons within the judge's max_length
         test = [p for p in test if max(len(scorer.encode(t)) for t in p) <= int(node.max_length)]
         test = test[: node.max_test]
@@ -84,6 +87,8 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
         rows += judge_rows
         judges[dimension] = f"{dimension}/model"
         metrics[dimension] = {"train_comparisons": len(comparisons), **trained, "eval": summary}
+    if is_follower():
+        return {}
     if not judges:  # eval then judges with the AI feedback model only
         log.warning(
             "No PM judge could be trained: hh-rlhf data was not found (set paths.data_dir or "

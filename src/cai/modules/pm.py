@@ -33,7 +33,7 @@ from cai.artifacts import Artifact, read_jsonl, write_json_atomic
 from cai.constitution import parse_turns
 from cai.errors import ConfigError
 from cai.modules.sft import bucketed_batches
-from cai.modules.training import TrainingModule, fit, shard_batches
+from cai.modules.training import TrainingModule, fit, is_follower, shard_batches
 from cai.prompting import raw_conversation
 
 log = logging.getLogger(__name__)
@@ -364,6 +364,8 @@ def train_preference_model(
     data = PairDataModule(pairs, int(node.batch_size), tokenizer.pad_token_id, int(cfg.seed))
     trained = fit(cfg, module, data, work_dir, int(node.max_steps), int(node.checkpoint_every))
     model.eval()
+    if is_follower():  # several processes: global rank 0 saves and evaluates
+        return scorer, trained
     model.save_pretrained(work_dir / "model", safe_serialization=True)
     tokenizer.save_pretrained(work_dir / "model")
     write_json_atomic(
@@ -387,6 +389,8 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
         )
     init_cfg = model_cfg_for(cfg, str(pm.init), "pm.init", upstream)
     scorer, trained = train_preference_model(cfg, pm, comparisons, init_cfg, work_dir)
+    if is_follower():
+        return trained
     rows, evaluation = evaluate(cfg, scorer, init_cfg.name, count_parameters(scorer.model))
     write_rows(work_dir / "rows.csv", rows)
     return {

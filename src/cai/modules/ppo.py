@@ -419,7 +419,7 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
     from cai.generation.hf import HFEngine
     from cai.models import load_model
     from cai.modules.pm import PreferenceModel, answer_turns
-    from cai.modules.training import fit
+    from cai.modules.training import fit, is_follower
 
     check_settings(cfg)
     ppo = cfg.ppo
@@ -454,6 +454,8 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
     run_cfg = OmegaConf.merge(cfg, {"trainer": {"precision": "32-true", "max_epochs": 1}})
     data = PromptBatches(len(prompts), int(ppo.steps), int(ppo.batch_size), int(cfg.seed))
     trained = fit(run_cfg, module, data, work_dir, -1, int(ppo.checkpoint_every))
+    if is_follower():  # several processes: global rank 0 saves
+        return trained
     save_policy(policy, tokenizer, work_dir / "model")
     write_jsonl_atomic(work_dir / "metrics.jsonl", module.history)
     snapshots = sorted(  # finished snapshots only (a killed save leaves seq_<n>.tmp)

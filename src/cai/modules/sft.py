@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from cai.artifacts import Artifact, read_jsonl
 from cai.errors import ConfigError
-from cai.modules.training import TrainingModule, fit, shard_batches
+from cai.modules.training import TrainingModule, fit, is_follower, shard_batches
 
 log = logging.getLogger(__name__)
 IGNORE = -100  # label of tokens that carry no loss (the prompt, padding)
@@ -279,6 +279,8 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
     )
     module = SFTModule.from_config(model, sft, cfg.trainer)
     trained = fit(cfg, module, data, work_dir, int(sft.max_steps), int(sft.checkpoint_every))
+    if is_follower():  # several processes: global rank 0 saves
+        return trained
     final = module.model.merge_and_unload() if sft.lora else module.model
     final.save_pretrained(work_dir / "model", safe_serialization=True)
     tokenizer.save_pretrained(work_dir / "model")
@@ -305,18 +307,3 @@ def _with_lora(model, sft: DictConfig):
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
-
-
-def load_sft_model(artifact: Artifact, dtype: str = "auto"):
-    """The SL-CAI model and tokenizer of an sft artifact (plain transformers loading)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from cai.models import resolve_dtype
-
-    folder = artifact.path / "model"
-    return (
-        AutoModelForCausalLM.from_pretrained(
-            folder, dtype=resolve_dtype(dtype), use_safetensors=True
-        ),
-        AutoTokenizer.from_pretrained(folder),
-    )

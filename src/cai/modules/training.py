@@ -93,6 +93,15 @@ class TrainingModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
+def is_follower() -> bool:
+    """True in a process that Lightning (or Slurm, torchrun) started beside the global-zero one
+    to train on several devices. Such a process takes part in every fit but writes nothing: the
+    pipeline (cai.pipeline.follow) and the stages leave artifacts to global rank 0."""
+    import os
+
+    return any(int(os.environ.get(v) or 0) > 0 for v in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
 def rank_and_world(trainer) -> tuple[int, int]:
     """(global rank, number of processes) of a trainer, (0, 1) outside one."""
     return (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
@@ -154,7 +163,18 @@ def fit(
     resume = checkpoints / "last.ckpt"
     resumed = resume.is_file()  # a killed run left a checkpoint: continue from its step
     start = time.perf_counter()
-    trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resumed else None)
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resumed else None)
+    except RuntimeError as error:
+        if resumed and "state_dict" in str(error):  # weights of another model or settings
+            from cai.errors import ArtifactError
+
+            raise ArtifactError(
+                f"The checkpoint {resume} does not fit this model: "
+                f"{str(error).splitlines()[0]} It was written by another model or settings; "
+                f"delete {checkpoints} to train from the start."
+            ) from error
+        raise
     wall = time.perf_counter() - start
     shutil.rmtree(checkpoints, ignore_errors=True)  # resumable state is not part of the artifact
     return {
