@@ -82,12 +82,13 @@ def inject_fault(stage: str, monkeypatch) -> None:
             original(self, index, records)
 
         monkeypatch.setattr(PartWriter, "write", write)
-    else:  # training: killed after the first optimiser step (its checkpoint written)
+    else:  # training: killed at the end of the second batch (the first one's checkpoint
+        # written; Lightning runs checkpoint callbacks after this one)
 
         class Kill(pl.Callback):
-            def on_train_batch_end(self, trainer, *args):
-                if trainer.global_step >= 1:
-                    raise Killed(f"killed at step {trainer.global_step}")
+            def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+                if batch_idx >= 1:
+                    raise Killed(f"killed after batch {batch_idx}")
 
         original_init = pl.Trainer.__init__
 

@@ -176,7 +176,8 @@ def fit(
             ) from error
         raise
     wall = time.perf_counter() - start
-    shutil.rmtree(checkpoints, ignore_errors=True)  # resumable state is not part of the artifact
+    if not is_follower():  # resumable state is not part of the artifact; rank 0 tidies up
+        shutil.rmtree(checkpoints, ignore_errors=True)
     return {
         "steps": trainer.global_step,
         "resumed": resumed,
