@@ -43,7 +43,7 @@ def test_two_processes_train_every_stage_through_the_main_command(tmp_path: Path
     artifacts = tmp_path / "outputs" / "artifacts"
     sft = json.loads(next((artifacts / "sft").glob("*/manifest.json")).read_text())["metrics"]
     train = sft["train_examples"]
-    assert sft["steps"] == (train // 2) // 2  # batches of 2 shared by 2 processes
+    assert sft["steps"] == -(-train // 2) // 2  # ceil(train / 2) batches shared by 2 processes
     ppo = json.loads(next((artifacts / "ppo").glob("*/manifest.json")).read_text())["metrics"]
     assert ppo["sequences"] == 2 * 2 * 2  # 2 iterations x 2 rollouts x 2 processes
     assert not list(artifacts.glob("*/*.partial"))  # every artifact finished by rank 0

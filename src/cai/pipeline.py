@@ -31,6 +31,7 @@ from cai.artifacts import (
     write_text_atomic,
 )
 from cai.errors import ArtifactError, ConfigError
+from cai.models import release_freed_memory
 from cai.modules.training import is_follower
 
 log = logging.getLogger(__name__)
@@ -131,8 +132,10 @@ def run(cfg: DictConfig) -> dict[str, Artifact]:
                 "path": str(artifact.path),
                 "built": built,
                 "wall_s": round(time.perf_counter() - start, 3),
+                "peak_memory_gb": _peak_memory_gb(),  # of the process so far
             }
         )
+        release_freed_memory()
         log.info("%s %s: %s", name, "built" if built else "reused", artifact.path)
     output_dir = _hydra_output_dir()
     if output_dir is not None and not follower:
@@ -140,6 +143,12 @@ def run(cfg: DictConfig) -> dict[str, Artifact]:
         if _gather_rows(artifacts, Path(output_dir) / "results.csv"):
             _publish(cfg, Path(output_dir))
     return artifacts
+
+
+def _peak_memory_gb() -> float:
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)  # kB on Linux
 
 
 def _publish(cfg: DictConfig, output_dir: Path) -> None:
