@@ -67,7 +67,7 @@ def test_the_three_sweeps_share_upstream_and_feed_one_table_of_figures(tmp_path:
     runs = [
         ["-m", "model=size_sweep", "model.preset=tiny,tiny_2x", "sl.num_revisions=2"],
         ["-m", "model=tiny", "sl.generate_revisions=4", "sl.num_revisions=0,1,2,3,4"],
-        ["-m", "model=tiny", "sl.num_revisions=2", "feedback.cot=false,true"]
+        ["-m", "model=tiny", "seed=1", "sl.num_revisions=2", "feedback.cot=false,true"]
         + ["feedback.cot_max_tokens=4", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
     ]
     folders = []

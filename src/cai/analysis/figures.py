@@ -67,6 +67,19 @@ def _params_of(names: list[str]) -> list[float]:
     return [float(s[:-1]) * (1e9 if s.endswith("B") else 1e6) for s in names]
 
 
+def _with_interval(ax, x, group: pd.DataFrame, label: str, fmt: str = "o-", **style) -> None:
+    """group.value against x, with error bars from group.low to group.high."""
+    ax.errorbar(
+        x,
+        group.value,
+        yerr=[group.value - group.low, group.high - group.value],
+        fmt=fmt,
+        capsize=2,
+        label=label,
+        **style,
+    )
+
+
 def elo_rows(table: pd.DataFrame) -> pd.DataFrame:
     return table[(table.stage == "eval") & (table.metric == "elo")]
 
@@ -158,14 +171,7 @@ def figure3(table: pd.DataFrame, paper: dict):
             continue
         for (method, judge), group in ours.groupby(["method", "judge"]):
             group = group.sort_values("parameters")
-            ax.errorbar(
-                group.parameters,
-                group.value,
-                yerr=[group.value - group.low, group.high - group.value],
-                fmt="o-",
-                capsize=2,
-                label=f"{_label(method)} [{judge}]",
-            )
+            _with_interval(ax, group.parameters, group, f"{_label(method)} [{judge}]", "o-")
         ax.set(
             xscale="log",
             title=f"This project: {dimension} Elo (each size's SL-CAI = 0)",
@@ -214,14 +220,13 @@ def figure4(table: pd.DataFrame, paper: dict):
         if group.empty:
             continue
         group = group.groupby("parameters", as_index=False)[["value", "low", "high", "n"]].mean()
-        ax.errorbar(
+        _with_interval(
+            ax,
             group.parameters,
-            group.value,
-            yerr=[group.value - group.low, group.high - group.value],
-            fmt="o",
+            group,
+            f"Ours: {HHH_LABELS[series]} (n={int(group.n.max())})",
+            "o",
             color=palette[series],
-            capsize=3,
-            label=f"Ours: {HHH_LABELS[series]} (n={int(group.n.max())})",
         )
     if hhh.empty:
         ax.text(0.03, 0.05, "no HHH rows of ours yet", transform=ax.transAxes)
@@ -263,14 +268,7 @@ def figure5(table: pd.DataFrame, paper: dict):
         for (model, params), group in mine.groupby(["model", "parameters"], dropna=False):
             group = group.groupby("revisions", as_index=False)[["value", "low", "high"]].mean()
             label = f"{model}" + (f" ({_params_label(params)})" if params == params else "")
-            ax.errorbar(
-                group.revisions,
-                group.value,
-                yerr=[group.value - group.low, group.high - group.value],
-                fmt="o-",
-                capsize=2,
-                label=label,
-            )
+            _with_interval(ax, group.revisions, group, label, "o-")
         ax.set(
             title=f"This project: {key} ({judge}, human-data judge)",
             xlabel="Number of revisions",
@@ -290,14 +288,7 @@ def figure5(table: pd.DataFrame, paper: dict):
 def _revision_lines(ax, rows: pd.DataFrame, label_of) -> None:
     for (method, model), group in rows.groupby(["method", "model"]):
         group = group.groupby("revisions", as_index=False)[["value", "low", "high"]].mean()
-        ax.errorbar(
-            group.revisions,
-            group.value,
-            yerr=[group.value - group.low, group.high - group.value],
-            fmt="o-",
-            capsize=2,
-            label=f"{label_of(method)} ({model})",
-        )
+        _with_interval(ax, group.revisions, group, f"{label_of(method)} ({model})", "o-")
     ax.set(xlabel="Number of revisions", ylabel="Harmlessness PM score (pm_harmlessness)")
     ax.legend(fontsize=7)
 
@@ -378,14 +369,7 @@ def figure8(table: pd.DataFrame, paper: dict):
             continue
         for (_run, method, judge), group in mine.groupby(["run_id", "method", "judge"]):
             group = group.sort_values("rl_sequences")
-            ax.errorbar(
-                group.rl_sequences,
-                group.value,
-                yerr=[group.value - group.low, group.high - group.value],
-                fmt="o-",
-                capsize=2,
-                label=f"{_label(method)} [{judge}]",
-            )
+            _with_interval(ax, group.rl_sequences, group, f"{_label(method)} [{judge}]", "o-")
         ax.set(title=f"This project: {dimension} Elo", xlabel="RL training sequences", ylabel="Elo")
         ax.legend(fontsize=7)
     fig.suptitle("Figure 8: Elo against RL training sequences")

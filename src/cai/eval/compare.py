@@ -512,7 +512,6 @@ def revision_rows(cfg: DictConfig, sl_artifact: Artifact, pm_judges: dict) -> li
     red-team prompts (the first eval.max_revision_prompts), per judge and for their sum."""
     from cai.eval.judges import judge_name
     from cai.modules.pm import answer_turns
-    from cai.results import row
 
     records = read_jsonl(sl_artifact.file("red_team.jsonl"))[: cfg.eval.max_revision_prompts]
     if not records:
@@ -533,15 +532,13 @@ def revision_rows(cfg: DictConfig, sl_artifact: Artifact, pm_judges: dict) -> li
             mean, low, high = mean_interval(
                 [v for (m, _, _), v in zip(texts, values, strict=True) if m == n]
             )
+            point = Point(revision_method(cfg.sl), "sl_data", revisions=n)
             rows.append(
-                row(
-                    stage="eval",
-                    model=cfg.model.name,
-                    parameters=cfg.model.get("params", ""),
+                point_row(
+                    cfg,
+                    point,
                     eval="red_team_sl",
-                    method=revision_method(cfg.sl),
                     judge=judge,
-                    revisions=n,
                     metric="pm_score",
                     value=mean,
                     low=low,

@@ -33,7 +33,13 @@ from cai.artifacts import Artifact, read_jsonl, write_json_atomic
 from cai.constitution import parse_turns
 from cai.errors import ConfigError
 from cai.modules.sft import bucketed_batches
-from cai.modules.training import TrainingModule, fit, is_follower, shard_batches
+from cai.modules.training import (
+    TrainingModule,
+    fit,
+    is_follower,
+    remaining_batches,
+    shard_batches,
+)
 from cai.prompting import raw_conversation
 
 log = logging.getLogger(__name__)
@@ -149,6 +155,7 @@ class PairDataModule(pl.LightningDataModule):
         lengths = [max(len(p.a), len(p.b)) for p in self.pairs]
         batches = bucketed_batches(lengths, self.batch_size, 16, self.seed)
         batches = shard_batches(batches, self.trainer, "pm.batch_size")
+        batches = remaining_batches(batches, self.trainer)
         return DataLoader(
             self.pairs, batch_sampler=batches, collate_fn=lambda b: collate_pairs(b, self.pad_id)
         )

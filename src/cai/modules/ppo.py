@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from cai.artifacts import Artifact, write_json_atomic
 from cai.errors import CAIError, ConfigError
 from cai.generation.base import Request
-from cai.modules.training import rank_and_world
+from cai.modules.training import rank_and_world, remaining_batches
 from cai.prompting import answer_prompt
 from cai.rl.ppo_math import (
     AdaptiveKLController,
@@ -371,7 +371,9 @@ class PromptBatches(pl.LightningDataModule):
             torch.tensor([rng.randrange(self.num_prompts) for _ in range(self.batch_size)])
             for _ in range(self.steps)
         ]
-        return DataLoader(batches, batch_size=None)
+        module = self.trainer.lightning_module if self.trainer else None
+        done = len(module.history) if module is not None else 0  # iterations restored
+        return DataLoader(remaining_batches(batches, self.trainer, done), batch_size=None)
 
 
 # ---------------------------------------------------------------------------------------------

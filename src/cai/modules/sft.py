@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from cai.artifacts import Artifact, read_jsonl
 from cai.errors import ConfigError
-from cai.modules.training import TrainingModule, fit, is_follower, shard_batches
+from cai.modules.training import TrainingModule, fit, is_follower, remaining_batches, shard_batches
 
 log = logging.getLogger(__name__)
 IGNORE = -100  # label of tokens that carry no loss (the prompt, padding)
@@ -179,17 +179,19 @@ class SFTDataModule(pl.LightningDataModule):
             seed,
         )
 
-    def _loader(self, examples: list[Example], seed: int) -> DataLoader:
+    def _loader(self, examples: list[Example], seed: int, train: bool = False) -> DataLoader:
         batches = bucketed_batches(
             [len(e.input_ids) for e in examples], self.batch_size, self.bucket_size, seed
         )
         batches = shard_batches(batches, self.trainer, "sft.batch_size")
+        if train:
+            batches = remaining_batches(batches, self.trainer)
         return DataLoader(
             examples, batch_sampler=batches, collate_fn=lambda b: collate(b, self.pad_id)
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train, self.seed)
+        return self._loader(self.train, self.seed, train=True)
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val, self.seed) if self.val else []

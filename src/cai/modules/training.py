@@ -123,6 +123,22 @@ def shard_batches(batches: list, trainer, setting: str) -> list:
     return batches[:usable][rank::world]
 
 
+def remaining_batches(batches: list, trainer, done: int | None = None) -> list:
+    """The epoch's batches with the `done` ones (default: optimiser steps x accumulation, this
+    epoch) moved to the end. Resumed from a mid-epoch checkpoint, Lightning restarts a plain
+    DataLoader at its first batch and stops after len - done batches: it would train again on
+    the batches before the checkpoint and never on the last ones. Rotated, the first len - done
+    batches are exactly the ones not yet trained on, so a resumed run ends with the same
+    weights as an uninterrupted one (tests/test_faults.py)."""
+    if trainer is None:
+        return batches
+    if done is None:
+        steps = trainer.global_step * trainer.accumulate_grad_batches
+        done = steps - trainer.current_epoch * len(batches)
+    done = min(max(0, done), len(batches))
+    return batches[done:] + batches[:done]
+
+
 def fit(
     cfg: DictConfig,
     module: TrainingModule,
