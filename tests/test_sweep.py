@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import REPO, TINY_EVAL, run_train
 
 from cai.results import read_rows
@@ -105,3 +106,23 @@ def test_the_three_sweeps_share_upstream_and_feed_one_table_of_figures(tmp_path:
         "False",
     }
     assert (tmp_path / "figures" / "fig3_scaling.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("experiment", "swept", "values"),
+    [
+        ("fig3_scaling", "model.preset", ["smollm2_135m", "smollm2_360m", "smollm2_1.7b"]),
+        ("fig4_hhh", "model.preset", ["smollm2_135m", "smollm2_360m", "smollm2_1.7b"]),
+        ("fig5_revisions", "sl.num_revisions", ["0", "1", "2", "3", "4"]),
+        ("fig6_principles", "sl.num_principles", ["1", "2", "4", "8", "16"]),
+        ("fig7_critique_vs_direct", "sl.critique", ["True", "False"]),
+    ],
+)
+def test_experiment_files_carry_their_sweeps(tmp_path: Path, experiment, swept, values):
+    """`-m experiment=<name>` alone launches the figure's jobs (no stage runs here)."""
+    done = run_train(
+        ["-m", f"experiment={experiment}", "pipeline.stages=[]"], tmp_path, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    jobs = launched(done.stdout + done.stderr)
+    assert [re.search(rf"{re.escape(swept)}=(\S+)", j).group(1) for j in jobs] == values
