@@ -25,15 +25,13 @@ from cai.eval.elo import ELO_PER_NAT, Comparisons, fit_elo, win_probability  # n
 
 def mm_fit(c: Comparisons, players: int, anchor: int, weights, tol=1e-10, iterations=100000):
     """Hunter's MM update pi_i <- W_i / sum_j n_ij / (pi_i + pi_j), soft wins, weighted."""
-    wins = np.zeros(players)
-    np.add.at(wins, c.first, weights * c.p_first)
-    np.add.at(wins, c.second, weights * (1 - c.p_first))
+    wins = np.bincount(c.first, weights * c.p_first, players) + np.bincount(
+        c.second, weights * (1 - c.p_first), players
+    )
     pi = np.ones(players)
     for _ in range(iterations):
         inv = weights / (pi[c.first] + pi[c.second])
-        denominator = np.zeros(players)
-        np.add.at(denominator, c.first, inv)
-        np.add.at(denominator, c.second, inv)
+        denominator = np.bincount(c.first, inv, players) + np.bincount(c.second, inv, players)
         new = wins / denominator
         new /= new[anchor]
         if np.max(np.abs(np.log(new) - np.log(pi))) < tol:

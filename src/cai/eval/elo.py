@@ -71,20 +71,20 @@ def fit_elo(
     """
     w = np.ones(len(comparisons)) if weights is None else np.asarray(weights, dtype=np.float64)
     free = np.array([k for k in range(num_players) if k != anchor], dtype=np.int64)
-    x = np.zeros(num_players)
+    k = num_players
+    x = np.zeros(k)
     i, j, p = comparisons.first, comparisons.second, comparisons.p_first
     for _ in range(iterations):
         q = 1.0 / (1.0 + np.exp(-(x[i] - x[j])))  # (n,) model P(first wins)
         residual = w * (p - q)  # (n,) gradient contribution to x_first (minus for x_second)
-        gradient = np.zeros(num_players)
-        np.add.at(gradient, i, residual)
-        np.add.at(gradient, j, -residual)
+        gradient = np.bincount(i, residual, k) - np.bincount(j, residual, k)  # (k,)
         curvature = w * q * (1.0 - q)  # (n,)
-        hessian = np.zeros((num_players, num_players))
-        np.add.at(hessian, (i, i), curvature)
-        np.add.at(hessian, (j, j), curvature)
-        np.add.at(hessian, (i, j), -curvature)
-        np.add.at(hessian, (j, i), -curvature)
+        hessian = (  # (k, k): the weighted Laplacian of the comparison graph
+            np.bincount(i * k + i, curvature, k * k)
+            + np.bincount(j * k + j, curvature, k * k)
+            - np.bincount(i * k + j, curvature, k * k)
+            - np.bincount(j * k + i, curvature, k * k)
+        ).reshape(k, k)
         g = gradient[free] - prior * x[free]
         h = hessian[np.ix_(free, free)] + prior * np.eye(len(free))
         step = np.linalg.solve(h, g)  # Newton step for the concave objective
