@@ -15,10 +15,10 @@ from cai.eval.compare import (
     Point,
     elo_rows,
     mean_interval,
-    phrase_rate,
     pm_judgements,
     with_hh_score,
 )
+from cai.results import phrase_rate
 
 POINTS = [
     Point("helpful", "helpful"),

@@ -140,8 +140,11 @@ def run(cfg: DictConfig) -> dict[str, Artifact]:
     output_dir = _hydra_output_dir()
     if output_dir is not None and not follower:
         write_json_atomic(Path(output_dir) / "pipeline_summary.json", summary)
-        if _gather_rows(artifacts, Path(output_dir) / "results.csv"):
-            _publish(cfg, Path(output_dir))
+        if rows := _run_rows(artifacts):
+            from cai.results import write_rows
+
+            write_rows(Path(output_dir) / "results.csv", rows)
+            _publish(cfg, Path(output_dir), rows)
     return artifacts
 
 
@@ -151,9 +154,9 @@ def _peak_memory_gb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)  # kB on Linux
 
 
-def _publish(cfg: DictConfig, output_dir: Path) -> None:
-    """Copy the run's rows to results/runs/<run>.csv; redraw the figures from all of results/."""
-    import shutil
+def _publish(cfg: DictConfig, output_dir: Path, rows: list[dict]) -> None:
+    """The run's rows into results/runs/<run>.csv; the figures redrawn from all of results/."""
+    from cai.results import write_rows
 
     try:
         name = "_".join(
@@ -162,10 +165,7 @@ def _publish(cfg: DictConfig, output_dir: Path) -> None:
     except ValueError:
         name = output_dir.name
     target = Path(cfg.paths.results_dir) / "runs" / f"{name}.csv"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.copyfile(output_dir / "results.csv", tmp)
-    tmp.replace(target)
+    write_rows(target, rows)
     log.info("Result rows of this run: %s", target)
     if cfg.pipeline.get("figures", True):
         from cai.analysis.figures import make_figures
@@ -182,19 +182,16 @@ def _stamp_rows(path: Path, key: str) -> None:
         write_rows(path, [{**r, "run_id": r["run_id"] or key} for r in read_rows(path)])
 
 
-def _gather_rows(artifacts: dict[str, Artifact], path: Path) -> bool:
-    """The result rows of every stage of this run, in one tidy table beside the run's logs."""
-    from cai.results import read_rows, write_rows
+def _run_rows(artifacts: dict[str, Artifact]) -> list[dict]:
+    """The result rows of every stage of this run (results.csv beside the run's logs)."""
+    from cai.results import read_rows
 
-    rows = [
+    return [
         r
         for artifact in artifacts.values()
         if (artifact.path / "rows.csv").is_file()
         for r in read_rows(artifact.path / "rows.csv")
     ]
-    if rows:
-        write_rows(path, rows)
-    return bool(rows)
 
 
 def ensure_artifact(

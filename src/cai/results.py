@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 from pathlib import Path
 
 from cai.artifacts import write_text_atomic
@@ -62,3 +63,11 @@ def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, f
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def phrase_rate(answers: list[str], phrases) -> float:
+    """Fraction of answers containing any of `phrases` (case-insensitive)."""
+    if not answers:
+        return 0.0
+    pattern = re.compile("|".join(re.escape(p) for p in phrases), re.IGNORECASE)
+    return sum(bool(pattern.search(a)) for a in answers) / len(answers)

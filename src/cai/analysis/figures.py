@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from cai.artifacts import write_text_atomic  # noqa: E402
+from cai.artifacts import atomic_path, write_text_atomic  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -439,9 +439,8 @@ def draw_all(table: pd.DataFrame, out_dir: str | Path) -> list[Path]:
         fig = draw(table, paper)
         for suffix in ("png", "pdf"):
             path = out / f"{name}.{suffix}"
-            tmp = path.with_name(f".{path.name}.tmp")
-            fig.savefig(tmp, dpi=150, format=suffix)
-            tmp.replace(path)  # never a half-written figure
+            with atomic_path(path) as tmp:  # never a half-written figure
+                fig.savefig(tmp, dpi=150, format=suffix)
             written.append(path)
         plt.close(fig)
     write_text_atomic(out / "elo_table.md", elo_table(table, paper))

@@ -27,7 +27,6 @@ import itertools
 import logging
 import math
 import random
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -341,14 +340,6 @@ def ai_feedback_judgements(
 # 4. Per-model measures: refusals, boilerplate, PM scores
 
 
-def phrase_rate(answers: list[str], phrases) -> float:
-    """Fraction of answers containing any of `phrases` (case-insensitive)."""
-    if not answers:
-        return 0.0
-    pattern = re.compile("|".join(re.escape(p) for p in phrases), re.IGNORECASE)
-    return sum(bool(pattern.search(a)) for a in answers) / len(answers)
-
-
 def mean_interval(values: list[float]) -> tuple[float, float, float]:
     """Mean and a normal 95% interval (mean +- 1.96 standard errors)."""
     n = len(values)
@@ -423,7 +414,7 @@ def model_rows(
 ) -> list[dict]:
     """Per point and prompt kind: mean PM score per judge (and their sum, the HH score, as in
     Figure 5), refusal or evasion rate, boilerplate rate, answer length."""
-    from cai.results import wilson_interval
+    from cai.results import phrase_rate, wilson_interval
 
     scores = with_hh_score(scores)
     rows = []

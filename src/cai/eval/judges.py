@@ -38,11 +38,10 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
     from cai.data import hh_rlhf_comparisons
     from cai.models import count_parameters
     from cai.modules.pm import (
-        Comparison,
         hhh_pairs,
+        human_comparisons,
         score_pair_sets,
         train_preference_model,
-        transcript_turns,
     )
     from cai.modules.training import is_follower
     from cai.results import write_rows
@@ -61,18 +60,14 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
             log.warning("No %s judge: %s", dimension, error)
             skipped[dimension] = str(error)
             continue
-        comparisons = [
-            Comparison(transcript_turns(c), transcript_turns(r), 1.0, subset)
-            for c, r in train[: node.max_train]
-        ]
+        comparisons = human_comparisons(train[: node.max_train], subset)
         scorer, trained = train_preference_model(
             cfg, node, comparisons, init_cfg, work_dir / dimension
         )
         if is_follower():  # several processes: global rank 0 evaluates and writes
             continue
         # held-out accuracy on the judge_test comparisons within the judge's max_length
-        test = [p for p in test if max(len(scorer.encode(t)) for t in p) <= int(node.max_length)]
-        test = test[: node.max_test]
+        test = [p for p in test if scorer.fits(p, int(node.max_length))][: node.max_test]
         sets = {f"hh_rlhf_{subset.split('-')[0]}": test}
         if dimension == "harmlessness":  # HHH: Figure 4's "PM trained on human feedback" series
             sets["hhh"] = hhh_pairs(cfg.paths.data_dir)[: node.max_hhh]

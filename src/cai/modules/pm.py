@@ -228,6 +228,10 @@ class PreferenceModel:
         text = dialogue_text(self.tokenizer, turns, self.format)
         return self.tokenizer(text, add_special_tokens=self.format != "chat").input_ids
 
+    def fits(self, dialogues, max_length: int) -> bool:
+        """Whether every dialogue (e.g. both sides of a comparison) is within max_length tokens."""
+        return all(len(self.encode(d)) <= max_length for d in dialogues)
+
     @torch.no_grad()
     def score(self, dialogues: list, progress: bool = False) -> list[float]:
         """One reward per dialogue. Sorted by length, batched up to `batch_size` dialogues and
@@ -286,9 +290,9 @@ def training_comparisons(cfg: DictConfig, upstream: dict[str, Artifact]) -> tupl
         ]
 
     def human(subset: str, source: str) -> list[Comparison]:
-        """Human comparisons of hh-rlhf `subset`, split pm_train (chosen = A, p = 1)."""
+        """Human comparisons of hh-rlhf `subset`, split pm_train."""
         pairs = hh_rlhf_comparisons(cfg.paths.data_dir, subset, "pm_train")[: pm.max_human]
-        return [Comparison(transcript_turns(c), transcript_turns(r), 1.0, source) for c, r in pairs]
+        return human_comparisons(pairs, source)
 
     harmlessness_sources = {
         "ai": lambda: ai("red_team", "ai_harmless"),
@@ -311,6 +315,11 @@ def training_comparisons(cfg: DictConfig, upstream: dict[str, Artifact]) -> tupl
         helpful = random.Random(f"{cfg.seed}/pm-mix").sample(helpful, min(keep, len(helpful)))
     counts = {"harmlessness_pairs": len(harmless), "helpfulness_pairs": len(helpful)}
     return harmless + helpful, counts
+
+
+def human_comparisons(pairs: list[tuple[str, str]], source: str) -> list[Comparison]:
+    """(chosen, rejected) transcripts as comparisons: chosen = A, p(A) = 1."""
+    return [Comparison(transcript_turns(c), transcript_turns(r), 1.0, source) for c, r in pairs]
 
 
 def clean(comparisons: list[Comparison]) -> tuple[list[Comparison], dict]:
@@ -465,7 +474,7 @@ def evaluate(cfg: DictConfig, scorer: PreferenceModel, name: str, parameters: in
         "pm_eval",
         cfg.pm.max_eval,
         cfg.pm.max_hhh,
-        fits=lambda pair: max(len(scorer.encode(t)) for t in pair) <= limit,
+        fits=lambda pair: scorer.fits(pair, limit),
     )
     common = {
         "stage": "pm",

@@ -33,6 +33,7 @@ from cai.errors import CAIError, ConfigError
 from cai.generation.base import Request
 from cai.modules.training import rank_and_world, remaining_batches
 from cai.prompting import answer_prompt
+from cai.results import phrase_rate
 from cai.rl.ppo_math import (
     AdaptiveKLController,
     gae,
@@ -267,7 +268,7 @@ class PPOModule(pl.LightningModule):
         if self.kl is not None:
             self.kl_coef = self.kl.update(mean_kl, size)
         self.sequences += size * int(self.trainer.world_size)
-        refusals = sum(any(r in a.lower() for r in REFUSALS) for a in rollout.answers)
+        refusal_rate = phrase_rate(rollout.answers, REFUSALS)
         metrics = {
             "objective/kl": mean_kl,
             "objective/scores": float(scores.mean()),
@@ -280,7 +281,7 @@ class PPOModule(pl.LightningModule):
             "val/clipfrac_avg": _mean(stats["vf_clipfrac"]),
             "val/num_eos_tokens": float(sum(rollout.ended)),
             "answers/mean_tokens": float(rollout.mask.sum(1).mean()),
-            "answers/refusal_rate": refusals / size,
+            "answers/refusal_rate": refusal_rate,
             "train/sequences": float(self.sequences),
             "time/rollout_s": rollout_s,
             "time/score_s": score_s,
