@@ -128,17 +128,48 @@ def test_bad_labels_and_identical_pairs_are_skipped_and_counted():
     assert counts == {"skipped_bad_label": 3, "skipped_identical": 1}
 
 
-def test_hh_rlhf_splits_are_disjoint_and_cover_the_file(data_dir):
+def _first_human_turn(transcript: str) -> str:
+    """Read independently of cai.data: the text between the first "Human:" and "Assistant:"."""
+    head = transcript.split("\n\nHuman:", 1)[1]
+    return " ".join(head.split("\n\nAssistant:", 1)[0].split()).lower()
+
+
+def test_hh_rlhf_splits_are_disjoint_by_prompt_and_cover_the_file(data_dir):
     from cai.data import HH_SPLITS, hh_rlhf_comparisons
 
     splits = {s: hh_rlhf_comparisons(str(data_dir), "harmless-base", s) for s in HH_SPLITS}
-    chosen = [{c for c, _ in pairs} for pairs in splits.values()]
-    for i in range(len(chosen)):
-        for j in range(i + 1, len(chosen)):
-            assert not chosen[i] & chosen[j]
+    prompts = {s: {_first_human_turn(c) for c, _ in pairs} for s, pairs in splits.items()}
+    names = list(prompts)
+    for i in range(len(names)):
+        for j in range(i + 1, len(names)):  # no prompt (first human turn) in two splits
+            assert not prompts[names[i]] & prompts[names[j]], (names[i], names[j])
     assert sum(len(p) for p in splits.values()) >= 2300  # 2,312 less identical pairs
     again = hh_rlhf_comparisons(str(data_dir), "harmless-base", "pm_eval")
     assert again == splits["pm_eval"]  # fixed: the same on every call
+
+
+def test_no_eval_prompt_is_in_a_training_split(data_dir, make_cfg):
+    """data=hh_rlhf's eval-split prompts never appear in pm_train or judge_train (the real file)."""
+    import gzip
+    import json
+
+    from cai.data import hh_rlhf_comparisons, load_prompts
+
+    cfg = make_cfg("data=hh_rlhf", "data.allow_download=false", "data.max_red_team=null")
+    held_out = load_prompts(cfg.data, str(data_dir)).split("eval").red_team
+    assert len(held_out) > 50
+    eval_prompts = {" ".join(p.text.split()).lower() for p in held_out}
+    for split in ("pm_train", "judge_train"):
+        trained = {
+            _first_human_turn(c)
+            for c, _ in hh_rlhf_comparisons(str(data_dir), "harmless-base", split)
+        }
+        assert len(trained) > 100
+        assert not eval_prompts & trained, split
+    # and the file itself holds those eval prompts (the check is not vacuous)
+    with gzip.open(data_dir / "hh-rlhf" / "harmless-base" / "test.jsonl.gz", "rt") as f:
+        every = {_first_human_turn(json.loads(line)["chosen"]) for line in f}
+    assert eval_prompts <= every
 
 
 SMALL = [

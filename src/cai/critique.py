@@ -79,11 +79,13 @@ def critique_revision_chain(
             "split": p.split,
             "initial": initial[i].text,
             "initial_tokens": initial[i].num_tokens,
+            "initial_finish": initial[i].finish_reason,  # "length": cut off (no end token in SFT)
             "revisions": [],
         }
         for i, p in enumerate(prompts)
     ]
     current = [g.text for g in initial]
+    finish = [g.finish_reason for g in initial]
     chosen = [
         sample_principles(seed, p.id, int(sl.generate_revisions), len(principles)) for p in prompts
     ]
@@ -131,7 +133,7 @@ def critique_revision_chain(
         for i, record in enumerate(records):
             empty = not revisions[i].text
             if not empty:
-                current[i] = revisions[i].text
+                current[i], finish[i] = revisions[i].text, revisions[i].finish_reason
             record["revisions"].append(
                 {
                     "round": round_index + 1,
@@ -140,6 +142,7 @@ def critique_revision_chain(
                     "critique_tokens": critiques[i].num_tokens if critiques[i] else 0,
                     "revision": current[i],  # an empty revision keeps the previous answer
                     "revision_tokens": revisions[i].num_tokens,
+                    "revision_finish": finish[i],  # of the text kept as this revision
                     "empty_revision": empty,
                 }
             )
@@ -171,6 +174,7 @@ def helpful_samples(
             "split": p.split,
             "samples": [outputs[i * n + k].text for k in range(n)],
             "sample_tokens": [outputs[i * n + k].num_tokens for k in range(n)],
+            "sample_finishes": [outputs[i * n + k].finish_reason for k in range(n)],
         }
         for i, p in enumerate(prompts)
     ]

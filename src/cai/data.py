@@ -74,6 +74,12 @@ def load_prompts(cfg: DictConfig, data_dir: str | None = None) -> PromptSet:
         red = _from_file(cfg.get("red_team_file"), "data.red_team_file")
         helpful = _from_file(cfg.get("helpful_file"), "data.helpful_file")
     elif cfg.source == "hh_rlhf":
+        if int(cfg.eval_percent) > HH_TRAIN_FLOOR:
+            raise ConfigError(
+                f"data.eval_percent={cfg.eval_percent} with data.source=hh_rlhf: at most "
+                f"{HH_TRAIN_FLOOR}, so that no eval prompt is in the PM's or the judges' "
+                "training comparisons (cai.data.HH_SPLITS)."
+            )
         helpful_source = "hh-rlhf helpful-base"
         red = _from_hh_rlhf(cfg, data_dir, "harmless-base")
         helpful = _from_hh_rlhf(cfg, data_dir, "helpful-base")
@@ -142,7 +148,7 @@ def _finish(
             continue
         seen.add(norm)
         digest = hashlib.sha256(norm.encode()).hexdigest()
-        split = "eval" if int(digest[:8], 16) % 100 < int(cfg.eval_percent) else "train"
+        split = "eval" if prompt_bucket(text) < int(cfg.eval_percent) else "train"
         prompts.append(Prompt(f"{kind}-{digest[:10]}", text, category, split, kind))
     random.Random(int(cfg.shuffle_seed)).shuffle(prompts)
     train = [p for p in prompts if p.split == "train"]
@@ -246,22 +252,37 @@ def _hh_missing(subset: str, data_dir: str | None) -> str:
 # ---------------------------------------------------------------------------------------------
 # Human comparisons of hh-rlhf, in fixed disjoint splits
 
-# Every comparison of an hh-rlhf file belongs to exactly one of these, by a hash of its chosen
-# dialogue (fixed salt: the same on every machine and run). The PM trains on `pm_train` (only
-# with pm.harmlessness=human) and reports on `pm_eval`; the evaluation judges (issue: eval
-# stage) train on `judge_train` and report their own accuracy on `judge_test`.
+# Every comparison of an hh-rlhf file belongs to exactly one of these, by its first human turn
+# (the prompt): the bucket of that turn's digest, the same digest that splits a prompt set into
+# train and eval (`prompt_bucket`). So all comparisons of one prompt share a split, and the
+# training splits (pm_train, judge_train) start at bucket 35: with data.eval_percent <= 35 no
+# eval-split prompt is ever in them. The PM trains on `pm_train` (pm.harmlessness=human) and
+# reports on `pm_eval`; the evaluation judges train on `judge_train` and report on `judge_test`.
 HH_SPLITS = {
-    "pm_train": (0.0, 0.4),
-    "pm_eval": (0.4, 0.6),
-    "judge_train": (0.6, 0.85),
-    "judge_test": (0.85, 1.0),
+    "judge_test": (0, 15),
+    "pm_eval": (15, 35),
+    "judge_train": (35, 60),
+    "pm_train": (60, 100),
 }
-HH_SPLIT_SALT = "cai-hh-split-v1"
+HH_TRAIN_FLOOR = 35  # first bucket of a training split: data.eval_percent must not pass it
+HH_SPLIT_SALT = "first-human-turn-v2"  # the split rule's version (part of PM and judge keys)
+
+
+def prompt_bucket(text: str) -> int:
+    """0..99 from a prompt's normalised text (lower case, runs of white space as one space)."""
+    norm = re.sub(r"\s+", " ", text.strip().lower())
+    return int(hashlib.sha256(norm.encode()).hexdigest()[:8], 16) % 100
+
+
+def first_human_turn(transcript: str) -> str:
+    """The first human turn of a "\\n\\nHuman: .. \\n\\nAssistant: .." transcript."""
+    turns = parse_turns(transcript)
+    return turns[0]["content"] if turns and turns[0]["role"] == "user" else transcript
 
 
 def hh_split_of(chosen: str) -> str:
-    fraction = int(hashlib.sha256(f"{HH_SPLIT_SALT}/{chosen}".encode()).hexdigest()[:8], 16) / 2**32
-    return next(name for name, (low, high) in HH_SPLITS.items() if low <= fraction < high)
+    bucket = prompt_bucket(first_human_turn(chosen))
+    return next(name for name, (low, high) in HH_SPLITS.items() if low <= bucket < high)
 
 
 def hh_rlhf_comparisons(data_dir: str | None, subset: str, split: str) -> list[tuple[str, str]]:

@@ -87,25 +87,25 @@ HELPFULNESS = -1  # principle index of the helpfulness question (helpfulness pai
 
 
 class FeedbackPrompts:
-    def __init__(self, constitution: Constitution, helpfulness_principle: str = ""):
+    def __init__(self, constitution: Constitution, helpfulness_principle: str = "", seed: int = 0):
         self.principles = constitution.feedback
         self.helpfulness_principle = helpfulness_principle
-        n = len(self.principles)
-        # Few-shot block: each solved example with a fixed principle (example i gets principle
-        # i mod n) and the correct answer alternating between (A) and (B). The block is the same
-        # for every query, so the engine encodes it once.
+        # Few-shot block: each solved example under a principle sampled for it (seeded by the
+        # stage's seed; the paper samples the principles of its few-shot examples too, section
+        # 4.1) and the correct answer alternating between (A) and (B). The block is the same for
+        # every query of a run, so the engine encodes it once.
+        rng = random.Random(f"{seed}/feedback-fewshot")
         parts = []
         for i, example in enumerate(constitution.feedback_fewshot):
             correct, wrong = example.corrects[0], example.incorrects[0]
             first, second, letter = (correct, wrong, "A") if i % 2 == 0 else (wrong, correct, "B")
             conversation = example.prompt.removesuffix("\n\nAssistant:")
-            parts.append(
-                self._question(conversation, self.principles[i % n], first, second) + f" ({letter})"
-            )
+            principle = self.principles[rng.randrange(len(self.principles))]
+            parts.append(self._question(conversation, principle, first, second) + f" ({letter})")
         self.prefix = "".join(parts)
         self.cot_prefix = "".join(
-            text.replace("{}", self.principles[i % n], 1)
-            for i, text in enumerate(constitution.cot_fewshot)
+            text.replace("{}", self.principles[rng.randrange(len(self.principles))], 1)
+            for text in constitution.cot_fewshot
         )
 
     @staticmethod
@@ -333,7 +333,9 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
             f"No usable pairs in {upstream['generate_pairs'].path}: every pair has an empty or "
             "repeated answer. Sample more (pairs.max_new_tokens, pairs.temperature)."
         )
-    prompts = FeedbackPrompts(constitution, str(cfg.feedback.helpfulness_principle))
+    prompts = FeedbackPrompts(
+        constitution, str(cfg.feedback.helpfulness_principle), seed=int(cfg.seed)
+    )
     # The feedback model (paper: a pretrained LM, kept apart from the policy being trained).
     model_cfg = model_cfg_for(cfg, str(cfg.feedback.model), "feedback.model", upstream)
     engine = build_engine(cfg.generation, model_cfg, cfg.paths.cache_dir)

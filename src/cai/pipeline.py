@@ -367,6 +367,7 @@ def _register_stages() -> None:
                 "generate_sl",
                 critique.run_stage,
                 config_keys=("model", "constitution", "data", "sl", "generation"),
+                version=2,  # 2: finish reasons kept (SFT gives cut-off texts no end token)
                 ignore=("sl.num_revisions", *runtime_only),
                 content=critique.stage_inputs,
             ),

@@ -146,10 +146,21 @@ def calibration(
 
 
 def cot_context(prompt: str) -> str:
-    """The chain-of-thought version of a published eval prompt: the question as the human's
-    turn, the assistant starting to reason (the feedback stage's CoT format)."""
+    """The chain-of-thought version of a published eval prompt, in the CoT few-shots' own format
+    (RLMadisonPrecogFewShotPrompts): the question as the human's turn, the conversation's turns
+    marked "H:" / "A:", the options right after the question, the assistant starting to reason.
+    """
     body = prompt.strip().removesuffix("The answer is:").strip()
-    return f"\n\nHuman: {body}\n\nAssistant: Let's think step by step:"
+    conversation, sep, question = body.partition("\n\n\n")
+    if not sep:  # no blank-line block between conversation and question: keep the text as is
+        conversation, question = body, ""
+    conversation = conversation.replace(
+        "between a human and an assistant:", "between a human (H) and an assistant (A):", 1
+    )
+    conversation = conversation.replace("\n\nHuman:", "\n\nH:").replace("\n\nAssistant:", "\n\nA:")
+    question = question.replace(" Options:\n", "\n", 1)
+    text = f"{conversation}\n\n{question}" if question else conversation
+    return f"\n\nHuman: {text.strip()}\n\nAssistant: Let's think step by step:"
 
 
 def score_items(

@@ -22,6 +22,7 @@ class Generation:
     finish_reason: str  # "stop" (end token or stop string) or "length"
     prompt_tokens: int = 0  # tokens of the prompt after the shared prefix
     token_ids: tuple[int, ...] = ()  # the sampled tokens (end token excluded), where known
+    stop_token_id: int | None = None  # the end token sampled (finish "stop" on a token), if any
     extra: dict = field(default_factory=dict)
 
 

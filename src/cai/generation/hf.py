@@ -322,6 +322,7 @@ class HFEngine(GenerationEngine):
             live = list(range(batch))  # rows still generating, in cache order
             tokens: list[list[int]] = [[] for _ in range(batch)]
             finish = ["length"] * batch
+            stop_tokens: list[int | None] = [None] * batch
             logits = model(
                 input_ids=input_ids,
                 position_ids=positions,
@@ -345,6 +346,7 @@ class HFEngine(GenerationEngine):
                     fed = True  # whether this row's generated tokens are all in the cache
                     if token in self.stop_token_ids:
                         finish[row] = "stop"
+                        stop_tokens[row] = token
                     else:
                         tokens[row].append(token)
                         fed = False
@@ -393,6 +395,7 @@ class HFEngine(GenerationEngine):
                     finish_reason=finish_reason,
                     prompt_tokens=len(encoded[row]),
                     token_ids=tuple(tokens[row]),
+                    stop_token_id=stop_tokens[row] if finish_reason == "stop" else None,
                     extra=extra,
                 )
             )

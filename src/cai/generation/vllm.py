@@ -74,6 +74,7 @@ class VLLMEngine(GenerationEngine):
                     num_tokens=len(sample.token_ids),
                     finish_reason="stop" if sample.finish_reason == "stop" else "length",
                     prompt_tokens=len(output.prompt_token_ids),
+                    stop_token_id=_stop_token(sample),
                 )
             )
         return results
@@ -110,3 +111,15 @@ class VLLMEngine(GenerationEngine):
             results.append(OptionScores(tuple(sums[at : at + n]), tuple(tokens[at : at + n])))
             at += n
         return results
+
+
+def _stop_token(sample) -> int | None:
+    """The end token a vLLM sample stopped on: `stop_reason` is that token's id, or None when
+    it stopped on the model's end-of-sequence token (then the last of its token_ids)."""
+    if sample.finish_reason != "stop":
+        return None
+    if isinstance(sample.stop_reason, int):
+        return sample.stop_reason
+    if sample.stop_reason is None and sample.token_ids:
+        return int(sample.token_ids[-1])
+    return None  # a stop string

@@ -310,11 +310,23 @@ def training_comparisons(cfg: DictConfig, upstream: dict[str, Artifact]) -> tupl
         raise ConfigError(f"pm.helpfulness={pm.helpfulness!r}: use hh_rlhf, ai or none.")
     harmless = harmlessness_sources[pm.harmlessness]()
     helpful = helpfulness_sources[pm.helpfulness]()
-    if harmless and pm.helpfulness_ratio is not None:
-        keep = round(float(pm.helpfulness_ratio) * len(harmless))
-        helpful = random.Random(f"{cfg.seed}/pm-mix").sample(helpful, min(keep, len(helpful)))
+    if pm.helpfulness_ratio is not None:
+        harmless, helpful = mix(harmless, helpful, float(pm.helpfulness_ratio), int(cfg.seed))
     counts = {"harmlessness_pairs": len(harmless), "helpfulness_pairs": len(helpful)}
     return harmless + helpful, counts
+
+
+def mix(harmless: list, helpful: list, ratio: float, seed: int) -> tuple[list, list]:
+    """Harmlessness and helpfulness comparisons at `ratio` helpful per harmless one: the larger
+    side is subsampled (seeded), so every PM built from a config (RL-CAI's on AI labels, the
+    HH-RLHF baseline's on many more human ones) trains on the same mix."""
+    if not harmless or not helpful or ratio <= 0:
+        return harmless, [] if ratio <= 0 else helpful
+    rng = random.Random(f"{seed}/pm-mix")
+    if round(ratio * len(harmless)) > len(helpful):  # too few helpful: fewer harmless
+        harmless = rng.sample(harmless, max(1, round(len(helpful) / ratio)))
+    keep = min(len(helpful), round(ratio * len(harmless)))
+    return harmless, rng.sample(helpful, keep)
 
 
 def human_comparisons(pairs: list[tuple[str, str]], source: str) -> list[Comparison]:
@@ -338,8 +350,10 @@ def clean(comparisons: list[Comparison]) -> tuple[list[Comparison], dict]:
     return kept, {"skipped_bad_label": bad_label, "skipped_identical": identical}
 
 
-def init_preference_model(model_cfg: DictConfig, cache_dir: str):
-    """A sequence-classification model (one output) whose backbone is the causal LM's."""
+def init_preference_model(model_cfg: DictConfig, cache_dir: str, seed: int = 0):
+    """A sequence-classification model (one output) whose backbone is the causal LM's; the
+    score head drawn from its own generator seeded by `seed` (the stage's seed), never from
+    torch's global random state, so the same key gives the same weights whatever ran before."""
     from transformers import AutoModelForSequenceClassification
 
     from cai.models import load_model
@@ -352,7 +366,14 @@ def init_preference_model(model_cfg: DictConfig, cache_dir: str):
     getattr(pm, pm.base_model_prefix).load_state_dict(
         getattr(causal, causal.base_model_prefix).state_dict()
     )
-    torch.nn.init.normal_(pm.score.weight, std=1 / math.sqrt(config.hidden_size + 1))
+    generator = torch.Generator().manual_seed(int(seed))
+    with torch.no_grad():
+        pm.score.weight.copy_(
+            torch.randn(pm.score.weight.shape, generator=generator)
+            / math.sqrt(config.hidden_size + 1)
+        )
+        if getattr(pm.score, "bias", None) is not None:
+            pm.score.bias.zero_()
     return pm, tokenizer
 
 
@@ -364,7 +385,7 @@ def train_preference_model(
     comparisons, skipped = clean(comparisons)
     if not comparisons:
         raise ConfigError("No usable preference comparisons to train on: check the data.")
-    model, tokenizer = init_preference_model(init_cfg, cfg.paths.cache_dir)
+    model, tokenizer = init_preference_model(init_cfg, cfg.paths.cache_dir, int(cfg.seed))
     scorer = PreferenceModel(model, tokenizer, init_cfg.prompt_format, int(node.eval_batch_size))
     encoded = [
         EncodedPair(scorer.encode(c.a), scorer.encode(c.b), float(c.p_a)) for c in comparisons

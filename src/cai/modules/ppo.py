@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from cai.artifacts import Artifact, write_json_atomic
+from cai.critique import request_seed
 from cai.errors import CAIError, ConfigError
 from cai.generation.base import Request
 from cai.modules.training import rank_and_world, remaining_batches
@@ -73,14 +74,21 @@ def answer_positions(answer_start: torch.Tensor, length: int) -> torch.Tensor:
     return answer_start[:, None] - 1 + torch.arange(length, device=answer_start.device)[None]
 
 
-def token_logprobs_and_hidden(model, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
-    """log pi(answer token t) [B, T] and the hidden state that predicts it [B, T, H]."""
+def token_logprobs_and_hidden(
+    model, rollout: Rollout, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi_T(answer token t) [B, T] and the hidden state that predicts it [B, T, H].
+
+    pi_T is the distribution the rollout sampled from: softmax(logits / T). PPO's ratio and KL
+    must be taken under it (as TRL and OpenRLHF do), not under the T = 1 distribution."""
     hidden = model.get_decoder()(input_ids=rollout.input_ids).last_hidden_state  # [B, L, H]
     length = rollout.mask.shape[1]
     positions = answer_positions(rollout.answer_start, length).clamp(max=hidden.shape[1] - 1)
     rows = torch.arange(len(positions), device=hidden.device)[:, None]
     states = hidden[rows, positions]  # [B, T, H]
     logits = model.get_output_embeddings()(states).float()  # [B, T, V]
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
     targets = rollout.input_ids[rows, (positions + 1).clamp(max=hidden.shape[1] - 1)]
     logprobs = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
     return logprobs * rollout.mask, states
@@ -129,6 +137,8 @@ class PPOModule(pl.LightningModule):
         self.engine, self.reward_fn, self.tokenizer = engine, reward_fn, tokenizer
         self.prompts = prompts  # list of (kind, text, prompt text for the policy)
         self.ppo = cfg
+        self.seed = 0  # the stage's seed (set by run_stage): rollout sampling seeds derive from it
+        self.temperature = float(cfg.temperature)
         self.kl = (
             AdaptiveKLController(float(cfg.kl_coef), float(cfg.kl_target), int(cfg.kl_horizon))
             if cfg.adaptive_kl
@@ -146,6 +156,7 @@ class PPOModule(pl.LightningModule):
     @torch.no_grad()
     def rollout(self, indices: list[int]) -> Rollout:
         chosen = [self.prompts[i] for i in indices]
+        rank, _ = rank_and_world(self._trainer)
         self.policy.eval()
         generations = self.engine.generate(
             [
@@ -153,9 +164,10 @@ class PPOModule(pl.LightningModule):
                     text,
                     max_new_tokens=int(self.ppo.max_new_tokens),
                     temperature=float(self.ppo.temperature),
-                    seed=hash((self.global_step, i)) % 2**31,
+                    # per (iteration, slot): the same prompt twice in a batch gets two samples
+                    seed=request_seed(self.seed, "ppo", self.global_step, rank, slot),
                 )
-                for i, (_, _, text) in zip(indices, chosen, strict=True)
+                for slot, (_, _, text) in enumerate(chosen)
             ],
             desc="ppo rollout",
         )
@@ -168,8 +180,9 @@ class PPOModule(pl.LightningModule):
                 list(g.token_ids) or self.tokenizer(g.text, add_special_tokens=False).input_ids
             )
             stop = g.finish_reason == "stop"
-            if stop:
-                answer_ids = answer_ids + [self.tokenizer.eos_token_id]
+            if stop:  # the end token actually sampled (<|im_end|> or <|endoftext|>, ...)
+                end = g.stop_token_id
+                answer_ids = answer_ids + [self.tokenizer.eos_token_id if end is None else end]
             answer_ids = answer_ids[: int(self.ppo.max_new_tokens) + 1] or [
                 self.tokenizer.eos_token_id
             ]
@@ -210,9 +223,9 @@ class PPOModule(pl.LightningModule):
         score_s = time.perf_counter() - started - rollout_s
         # 3. old log-probabilities, values, reference log-probabilities; KL-shaped rewards
         with torch.no_grad():
-            old_logprobs, states = token_logprobs_and_hidden(self.policy, rollout)
+            old_logprobs, states = token_logprobs_and_hidden(self.policy, rollout, self.temperature)
             old_values = self.values_of(rollout, states) * rollout.mask
-            ref_logprobs, _ = token_logprobs_and_hidden(self.reference, rollout)
+            ref_logprobs, _ = token_logprobs_and_hidden(self.reference, rollout, self.temperature)
             rewards, kl = kl_shaped_rewards(
                 scores, old_logprobs, ref_logprobs, rollout.mask, self.kl_coef
             )
@@ -231,7 +244,9 @@ class PPOModule(pl.LightningModule):
             for start in range(0, size, minibatch):
                 idx = order[start : start + minibatch].to(self.device)
                 part = _select(rollout, idx)
-                logprobs, part_states = token_logprobs_and_hidden(self.policy, part)
+                logprobs, part_states = token_logprobs_and_hidden(
+                    self.policy, part, self.temperature
+                )
                 values = self.values_of(part, part_states)
                 pg_loss, clipfrac, approxkl = policy_loss(
                     logprobs, old_logprobs[idx], advantages[idx], part.mask, float(ppo.clip)
@@ -450,6 +465,7 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
     prompts = ppo_prompts(cfg, tokenizer, cfg.model.prompt_format)
     engine = HFEngine(policy, tokenizer, batch_size=int(cfg.generation.batch_size), progress=False)
     module = PPOModule(policy, reference, value, engine, reward_fn, tokenizer, prompts, ppo)
+    module.seed = int(cfg.seed)
     module.snapshot_dir = work_dir / "snapshots"
     module.snapshot_dir.mkdir(parents=True, exist_ok=True)
     # One epoch over ppo.steps prompt batches = ppo.steps iterations; fp32, since the rollouts

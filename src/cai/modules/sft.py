@@ -40,19 +40,36 @@ class Example:
 
 
 def encode_example(
-    tokenizer, prompt_text: str, response: str, prompt_format: str, prompt_id: str
+    tokenizer,
+    prompt_text: str,
+    response: str,
+    prompt_format: str,
+    prompt_id: str,
+    ended: bool = True,
 ) -> Example:
-    """Tokens of prompt + response + end token; labels only on the response and end token."""
+    """Tokens of prompt + response + end token; labels only on the response and end token.
+
+    A response cut off by the length limit (`ended=False`) gets no end token: teaching the model
+    to stop where the sampler was cut off would teach it to end mid-sentence."""
     from cai.prompting import answer_prompt
 
     prompt = answer_prompt(tokenizer, prompt_text, prompt_format)
     if prompt_format == "raw":
         response = " " + response
     prompt_ids = tokenizer(prompt, add_special_tokens=prompt_format != "chat").input_ids
-    response_ids = tokenizer(response, add_special_tokens=False).input_ids + [
-        tokenizer.eos_token_id
-    ]
+    response_ids = tokenizer(response, add_special_tokens=False).input_ids
+    if ended:
+        response_ids = response_ids + [tokenizer.eos_token_id]
     return Example(prompt_ids + response_ids, [IGNORE] * len(prompt_ids) + response_ids, prompt_id)
+
+
+def _target_text(record: dict, num_revisions: int) -> tuple[str, bool]:
+    """The answer SFT trains on for one red-team record (the initial answer at 0, else revision
+    n) and whether it ended (False: cut off by the length limit; older SL data: assumed ended)."""
+    if num_revisions == 0:
+        return record["initial"], record.get("initial_finish", "stop") != "length"
+    revision = record["revisions"][num_revisions - 1]
+    return revision["revision"], revision.get("revision_finish", "stop") != "length"
 
 
 def sl_examples(
@@ -72,23 +89,22 @@ def sl_examples(
             f"sl.num_revisions={num_revisions}, but the SL data holds {generated} revisions per "
             f"prompt: use 0..{generated}, or regenerate with sl.generate_revisions>={num_revisions}."
         )
-    pairs = [
-        (
-            r["id"],
-            r["prompt"],
-            r["initial"] if num_revisions == 0 else r["revisions"][num_revisions - 1]["revision"],
+    pairs = [(r["id"], r["prompt"], *_target_text(r, num_revisions)) for r in red]
+    pairs += [
+        (h["id"], h["prompt"], s, finish != "length")
+        for h in helpful
+        for s, finish in zip(
+            h["samples"], h.get("sample_finishes", ["stop"] * len(h["samples"])), strict=True
         )
-        for r in red
     ]
-    pairs += [(h["id"], h["prompt"], s) for h in helpful for s in h["samples"]]
     pairs = [p for p in pairs if p[2].strip()]
     if not pairs:
         raise ConfigError(
             f"The SL data in {sl_artifact.path} has no non-empty answers to train on."
         )
     examples = [
-        encode_example(tokenizer, prompt, answer, prompt_format, pid)
-        for pid, prompt, answer in pairs
+        encode_example(tokenizer, prompt, answer, prompt_format, pid, ended)
+        for pid, prompt, answer, ended in pairs
     ]
     kept = [e for e in examples if len(e.input_ids) <= max_length]
     counts = {
