@@ -55,6 +55,11 @@ TINY_STAGES = [
 
 # The judge and eval stages shrunk the same way (they join TINY_STAGES runs of the full list).
 TINY_EVAL = [
+    "judge.init=tiny",
+    "judge.max_paper_pairs=16",
+    "judge.validation.answers_per_model=2",
+    "judge.validation.pairs_per_prompt=2",
+    "judge.validation.bootstrap=20",
     "judge.max_train=8",
     "judge.max_test=8",
     "judge.max_hhh=8",

@@ -285,6 +285,18 @@ def hh_split_of(chosen: str) -> str:
     return next(name for name, (low, high) in HH_SPLITS.items() if low <= bucket < high)
 
 
+def hh_rlhf_fingerprint(data_dir: str | None, subset: str) -> str | None:
+    """sha256 of the local hh-rlhf files of `subset` (None when there are none: the hub's)."""
+    folder = Path(data_dir) / "hh-rlhf" / subset if data_dir else None
+    files = sorted(folder.glob("*.jsonl.gz")) if folder and folder.is_dir() else []
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def hh_rlhf_comparisons(data_dir: str | None, subset: str, split: str) -> list[tuple[str, str]]:
     """(chosen, rejected) dialogue transcripts of one split of hh-rlhf `subset`
     (harmless-base, helpful-base), read through `datasets` from paths.data_dir or the hub."""

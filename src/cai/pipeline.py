@@ -144,7 +144,7 @@ def run(cfg: DictConfig) -> dict[str, Artifact]:
             from cai.results import write_rows
 
             write_rows(Path(output_dir) / "results.csv", rows)
-            _publish(cfg, Path(output_dir), rows)
+            _publish(cfg, Path(output_dir), rows, _calibration_rows(artifacts))
     return artifacts
 
 
@@ -154,7 +154,9 @@ def _peak_memory_gb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)  # kB on Linux
 
 
-def _publish(cfg: DictConfig, output_dir: Path, rows: list[dict]) -> None:
+def _publish(
+    cfg: DictConfig, output_dir: Path, rows: list[dict], calibration: list[dict] | None = None
+) -> None:
     """The run's rows into results/runs/<run>.csv; the figures redrawn from all of results/."""
     from cai.results import write_rows
 
@@ -167,6 +169,11 @@ def _publish(cfg: DictConfig, output_dir: Path, rows: list[dict]) -> None:
     target = Path(cfg.paths.results_dir) / "runs" / f"{name}.csv"
     write_rows(target, rows)
     log.info("Result rows of this run: %s", target)
+    if calibration:  # the HHH reliability table (Figure 9), with the model it measured
+        from cai.results import write_csv
+
+        records = [r | {"model": cfg.model.name} for r in calibration]
+        write_csv(target.with_name(f"{name}_hhh_calibration.csv"), records, list(records[0]))
     if cfg.pipeline.get("figures", True):
         from cai.analysis.figures import make_figures
 
@@ -180,6 +187,18 @@ def _stamp_rows(path: Path, key: str) -> None:
 
     if path.is_file():
         write_rows(path, [{**r, "run_id": r["run_id"] or key} for r in read_rows(path)])
+
+
+def _calibration_rows(artifacts: dict[str, Artifact]) -> list[dict]:
+    """The eval_hhh stage's reliability table of this run ([] without one)."""
+    import csv
+
+    artifact = artifacts.get("eval_hhh")
+    path = artifact.path / "calibration.csv" if artifact else None
+    if path is None or not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
 
 
 def _run_rows(artifacts: dict[str, Artifact]) -> list[dict]:
@@ -400,15 +419,18 @@ def _register_stages() -> None:
                 "pm",
                 pm.run_stage,
                 distributed=True,
-                config_keys=("model", "pm", "trainer"),
-                version=2,  # 2: hh-rlhf accuracy on comparisons within pm.max_length
+                config_keys=("model", "pm", "trainer", "judge.validation"),
+                version=3,  # 3: seeded head, validation against the paper's PM (PALMS)
                 upstream=("feedback", "sft"),
                 ignore=(
                     "pm.checkpoint_every",
                     "pm.eval_batch_size",
                     *trainer_runtime,
                 ),
-                content=lambda cfg: {"hh_rlhf_splits": pm_split_fingerprint()},
+                content=lambda cfg: {
+                    "hh_rlhf_splits": pm_split_fingerprint(),
+                    "paper_samples": paper_samples_fingerprint(cfg.paths.data_dir),
+                },
             ),
             "ppo": Stage(
                 "ppo",
@@ -424,10 +446,11 @@ def _register_stages() -> None:
                 "judge",
                 judges.run_stage,
                 distributed=True,
-                config_keys=("model", "judge", "trainer"),
-                version=2,  # 2: judge_test accuracy on comparisons within judge.max_length
+                config_keys=("judge", "trainer"),  # init names its model: one judge for all
+                version=3,  # 3: seeded head, paper_pm, PALMS validation, data fingerprints
                 ignore=("judge.checkpoint_every", "judge.eval_batch_size", *trainer_runtime),
-                content=lambda cfg: {"hh_rlhf_splits": pm_split_fingerprint()},
+                content=judge_inputs,
+                check=judges.check_settings,
             ),
             "eval": Stage(
                 "eval",
@@ -439,6 +462,8 @@ def _register_stages() -> None:
                     "eval",
                     "sl.num_revisions",
                     "generation",
+                    "feedback.model",  # the AI judge's independence is recorded in its rows
+                    "feedback.helpfulness_principle",
                 ),
                 upstream=("generate_sl", "sft", "judge"),
                 ignore=("eval.ai_feedback.chunk_size", *runtime_only),
@@ -458,6 +483,23 @@ def _register_stages() -> None:
             ),
         }
     )
+
+
+def judge_inputs(cfg: DictConfig) -> dict:
+    """The judge's data fingerprints; and its backbone, when `judge.init` is policy or sft (the
+    run's model then decides the judge)."""
+    from cai.eval import judges
+
+    inputs = judges.stage_inputs(cfg)
+    if str(cfg.judge.init) in ("policy", "sft"):
+        inputs["policy_model"] = OmegaConf.to_container(cfg.model, resolve=True)
+    return inputs
+
+
+def paper_samples_fingerprint(data_dir: str | None) -> str | None:
+    from cai.paper_samples import fingerprint
+
+    return fingerprint(data_dir)
 
 
 def pm_split_fingerprint() -> str:

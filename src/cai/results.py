@@ -27,7 +27,12 @@ ROW_FIELDS = (
     "low",  # 95% interval, where there is one
     "high",
     "n",  # items the value is computed from
+    "flag",  # trust: at_chance / below_chance (a judge's validation interval reaches or lies
+    # below 0.5, and every number it judged), never_loses (an Elo from the prior, not data)
+    "independent",  # Elo and judge rows: the judge shares no model, principles or data with
+    # the PM that trained the judged model (true/false; empty where it does not apply)
 )
+LEGACY_FIELDS = ROW_FIELDS[:15]  # rows files written before `flag` and `independent`
 
 
 def row(**values) -> dict:
@@ -51,8 +56,20 @@ def write_csv(path: str | Path, records: list[dict], fields) -> None:
 
 
 def read_rows(path: str | Path) -> list[dict]:
+    """Rows of a result CSV, every field present (older files lack the newer fields)."""
     with open(path, newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
+        return [{f: r.get(f) or "" for f in ROW_FIELDS} for r in csv.DictReader(handle)]
+
+
+def mean_interval(values: list[float]) -> tuple[float, float, float]:
+    """Mean and a normal 95% interval (mean +- 1.96 standard errors)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, mean, mean
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = 1.96 * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
 
 
 def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:

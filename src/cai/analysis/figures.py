@@ -68,20 +68,51 @@ def _params_of(names: list[str]) -> list[float]:
 
 
 def _with_interval(ax, x, group: pd.DataFrame, label: str, fmt: str = "o-", **style) -> None:
-    """group.value against x, with error bars from group.low to group.high."""
+    """group.value against x, with error bars from group.low to group.high; a series from an
+    untrusted or dependent judge says so in its label (and is drawn dashed and faded)."""
+    trust = _style(group, fmt) if "flag" in group else {"fmt": fmt}
     ax.errorbar(
         x,
         group.value,
         yerr=[group.value - group.low, group.high - group.value],
-        fmt=fmt,
         capsize=2,
-        label=label,
+        label=_series_label(label, group) if "flag" in group else label,
+        **trust,
         **style,
     )
 
 
 def elo_rows(table: pd.DataFrame) -> pd.DataFrame:
     return table[(table.stage == "eval") & (table.metric == "elo")]
+
+
+UNTRUSTED = ("at_chance", "below_chance", "unvalidated")
+
+
+def untrusted(group: pd.DataFrame) -> str:
+    """The trust problem of a group of rows' judge ('at chance', 'below chance', 'unvalidated')
+    or '' when its judge's validation interval lies above 0.5."""
+    flags = ";".join(str(f) for f in group.get("flag", pd.Series(dtype=str)).fillna(""))
+    for flag in UNTRUSTED:
+        if flag in flags:
+            return flag.replace("_", " ")
+    return ""
+
+
+def _series_label(label: str, group: pd.DataFrame) -> str:
+    """A legend label that says when the judge behind the series is not to be trusted, and when
+    the judge shares model or principles with what it judges."""
+    notes = []
+    if problem := untrusted(group):
+        notes.append(f"judge {problem}")
+    if "independent" in group and (group.independent.astype(str) == "False").any():
+        notes.append("judge not independent")
+    return label + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def _style(group: pd.DataFrame, fmt: str) -> dict:
+    """Series judged by an untrusted judge: dashed and faded."""
+    return {"fmt": fmt.replace("-", "--"), "alpha": 0.45} if untrusted(group) else {"fmt": fmt}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,6 +159,21 @@ def figure2(table: pd.DataFrame, paper: dict):
                 capsize=2,
                 label=label,
             )
+        warnings = [
+            f"{axis} judge {problem}"
+            for axis, flags in (
+                ("harmlessness", merged.flag_harm),
+                ("helpfulness", merged.flag_help),
+            )
+            if (problem := untrusted(pd.DataFrame({"flag": flags})))
+        ]
+        if (merged.independent_harm.astype(str) == "False").any() or (
+            merged.independent_help.astype(str) == "False"
+        ).any():
+            warnings.append("a judge is not independent of the training PM")
+        if warnings:
+            ax.text(0.02, 0.02, "; ".join(warnings), transform=ax.transAxes, fontsize=7,
+                    color="firebrick")  # fmt: skip
         ax.set(
             title=f"This project: harmlessness by {harm_judge}, helpfulness by {help_judge}",
             xlabel="Helpfulness Elo",
@@ -152,9 +198,12 @@ def final_points(elo: pd.DataFrame) -> pd.DataFrame:
 
 
 def figure3(table: pd.DataFrame, paper: dict):
+    """Paper panels; ours from the joint fit over a multirun (stage `joint`: one scale, the
+    largest SL-CAI at 0) when there is one, else each run's own fit (no shared scale: said so)."""
     ref = paper["fig3_elo_vs_params"]
     fig, axes = plt.subplots(2, 2, figsize=(10, 8))
     params = _params_of(ref["params"])
+    joint = table[(table.stage == "joint") & (table.metric == "elo")]
     for col, dimension in enumerate(DIMENSIONS):
         ax = axes[0, col]
         for key in ("helpful_rlhf", "hh_rlhf"):
@@ -163,7 +212,8 @@ def figure3(table: pd.DataFrame, paper: dict):
             ax.plot([52e9], [ref[key][dimension]], marker, label=_label(key.removesuffix("_52B")))
         ax.set(xscale="log", title=f"Paper: {dimension} Elo", xlabel="Parameters", ylabel="Elo")
         ax.legend(fontsize=7)
-        ours = final_points(elo_rows(table))
+        source = joint if not joint.empty else elo_rows(table)
+        ours = final_points(source)
         ours = ours[(ours["eval"] == dimension) & ours.parameters.notna()]
         ax = axes[1, col]
         if ours.empty:
@@ -172,13 +222,18 @@ def figure3(table: pd.DataFrame, paper: dict):
         for (method, judge), group in ours.groupby(["method", "judge"]):
             group = group.sort_values("parameters")
             _with_interval(ax, group.parameters, group, f"{_label(method)} [{judge}]", "o-")
+        scale = (
+            "one joint fit, largest SL-CAI = 0"
+            if not joint.empty
+            else "each size's own SL-CAI = 0: no shared scale (make_figures.py --joint)"
+        )
         ax.set(
             xscale="log",
-            title=f"This project: {dimension} Elo (each size's SL-CAI = 0)",
+            title=f"This project: {dimension} Elo ({scale})",
             xlabel="Parameters",
             ylabel="Elo",
         )
-        ax.title.set_fontsize(9)
+        ax.title.set_fontsize(8)
         ax.legend(fontsize=6)
     fig.suptitle("Figure 3: Elo against model size")
     fig.tight_layout()
@@ -193,14 +248,21 @@ HHH_SERIES = {  # (stage, method) of our rows -> the paper series it corresponds
     ("eval_hhh", "zero_shot"): "pretrained_lm",
     ("eval_hhh", "cot"): "chain_of_thought",
     ("eval_hhh", "cot_ensemble"): "ensembled_cot",
-    ("judge", "pm_human"): "hh_pm_human_feedback",
+    # the paper's "PM trained on human feedback" saw helpfulness and harmlessness data; ours
+    # are harmlessness-only judges, so they are named for what they are, not as the paper's
+    ("judge", "pm_harmless-base"): "pm_human_harmlessness",
+    ("judge", "pm_paper_pm"): "pm_paper_labels",
+    ("judge", "pm_paper_pm+harmless-base"): "pm_paper_and_human",
     ("pm", "pm_ai"): "pm_ai_feedback",
 }
 HHH_LABELS = {
     "pretrained_lm": "Pretrained LM",
     "chain_of_thought": "Chain of thought",
     "ensembled_cot": "Ensembled CoT",
-    "hh_pm_human_feedback": "PM, human feedback",
+    "hh_pm_human_feedback": "PM, human feedback (helpful + harmless)",
+    "pm_human_harmlessness": "Judge PM, human harmlessness data only",
+    "pm_paper_labels": "Judge PM, paper-PM labels (harmlessness prompts)",
+    "pm_paper_and_human": "Judge PM, paper-PM labels + human harmlessness",
     "pm_ai_feedback": "PM, AI feedback (RL-CAI's)",
 }
 
@@ -243,6 +305,11 @@ def figure4(table: pd.DataFrame, paper: dict):
 
 
 FIG5_JUDGES = {"harmlessness": "pm_harmlessness", "helpfulness": "pm_helpfulness", "hh": "pm_hh"}
+FIG5_OURS = {  # what our series is: the paper's HH PM is one PM; ours is the sum of two judges
+    "harmlessness": "harmlessness judge PM",
+    "helpfulness": "helpfulness judge PM",
+    "hh": "sum of the harmlessness and helpfulness judges (not one HH PM)",
+}
 
 
 def figure5(table: pd.DataFrame, paper: dict):
@@ -262,7 +329,11 @@ def figure5(table: pd.DataFrame, paper: dict):
             _empty(
                 ax,
                 f"{judge} scores of revisions"
-                + (" (needs helpful-base)" if key != "harmlessness" else ""),
+                + (
+                    " (needs a helpfulness judge: judge.helpfulness=helpful-base)"
+                    if key != "harmlessness"
+                    else ""
+                ),
             )
             continue
         for (model, params), group in mine.groupby(["model", "parameters"], dropna=False):
@@ -270,7 +341,7 @@ def figure5(table: pd.DataFrame, paper: dict):
             label = f"{model}" + (f" ({_params_label(params)})" if params == params else "")
             _with_interval(ax, group.revisions, group, label, "o-")
         ax.set(
-            title=f"This project: {key} ({judge}, human-data judge)",
+            title=f"This project: {FIG5_OURS[key]} ({judge})",
             xlabel="Number of revisions",
             ylabel="PM score",
         )
@@ -378,6 +449,157 @@ def figure8(table: pd.DataFrame, paper: dict):
 
 
 # ---------------------------------------------------------------------------------------------
+# Figure 9: calibration of the HHH evaluations (reliability of the stated probabilities)
+
+
+def figure9(table: pd.DataFrame, paper: dict, calibration: pd.DataFrame | None = None):
+    """Reliability diagram of the eval_hhh stage's HHH answers (calibration.csv rows: eval,
+    method, bin low/high, n, mean confidence, accuracy): perfect calibration on the diagonal."""
+    fig, ax = plt.subplots(figsize=(6, 5))
+    ax.plot([0.5, 1.0], [0.5, 1.0], ":", color="grey", label="perfect calibration")
+    rows = calibration[calibration["eval"] == "hhh"] if calibration is not None else None
+    if rows is None or rows.empty:
+        _empty(ax, "calibration rows (eval_hhh stage: results/runs/*calibration*.csv)")
+    else:
+        group_keys = [k for k in ("model", "method") if k in rows]
+        for keys, group in rows.groupby(group_keys):
+            keys = keys if isinstance(keys, tuple) else (keys,)
+            group = group.groupby(["low", "high"], as_index=False).apply(
+                lambda g: pd.Series(
+                    {
+                        "confidence": (g.confidence * g.n).sum() / g.n.sum(),
+                        "accuracy": (g.accuracy * g.n).sum() / g.n.sum(),
+                        "n": g.n.sum(),
+                    }
+                )
+            )
+            label = " ".join(str(k) for k in keys) + f" (n={int(group.n.sum())})"
+            ax.plot(group.confidence, group.accuracy, "o-", label=label)
+        ax.legend(fontsize=7)
+    ax.set(
+        xlabel="Probability of the chosen option",
+        ylabel="Frequency correct",
+        xlim=(0.45, 1.02),
+        ylim=(0.0, 1.02),
+    )
+    ax.set_title(
+        "Figure 9: calibration of the HHH evaluations\n(this project; the paper's 52B curve is not "
+        "digitised here: see Bai et al. 2022, Fig. 9)",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Judge validation: agreement with the paper's PM, scores per paper model, per paper revision
+
+
+def validation_rows(table: pd.DataFrame) -> pd.DataFrame:
+    return table[table["eval"].isin(["palms_test", "palms_answers", "palms_revisions"])]
+
+
+def figure_validation(table: pd.DataFrame, paper: dict):
+    rows = validation_rows(table)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
+    agreement = rows[rows.metric == "agreement_paper_pm"]
+    ax = axes[0]
+    if agreement.empty:
+        _empty(ax, "judge validation rows (judge and eval stages)")
+    else:
+        agreement = agreement.groupby(["judge", "stage", "model"], as_index=False).last()
+        labels = [f"{r.judge}\n({r.stage})" for r in agreement.itertuples()]
+        colours = ["firebrick" if untrusted(pd.DataFrame([r._asdict()])) else "seagreen"
+                   for r in agreement.itertuples()]  # fmt: skip
+        ax.bar(range(len(agreement)), agreement.value, color=colours, alpha=0.8)
+        ax.errorbar(
+            range(len(agreement)),
+            agreement.value,
+            yerr=[agreement.value - agreement.low, agreement.high - agreement.value],
+            fmt="none",
+            color="black",
+            capsize=3,
+        )
+        ax.axhline(0.5, color="grey", ls=":", lw=1)
+        ax.set_xticks(range(len(agreement)), labels, fontsize=7)
+        ax.set(ylim=(0, 1), ylabel="Agreement with the paper's PM")
+    ax.set_title("Pairs of the paper's answers ordered as its PM orders them\n"
+                 "(held-out PALMS prompts; red: interval reaches 0.5)", fontsize=9)  # fmt: skip
+    ax = axes[1]
+    by_type = rows[(rows["eval"] == "palms_answers") & (rows.metric == "pm_score")]
+    if by_type.empty:
+        _empty(ax, "scores of the paper's answers")
+    else:
+        order = ["helpful_rlhf", "hh_rlhf", "rl_cai", "rl_cai_cot"]
+        for judge, group in by_type.groupby("judge"):
+            group = group.groupby("method", as_index=False)[["value"]].mean()
+            group = group.set_index("method").reindex(order).dropna().reset_index()
+            z = (group.value - group.value.mean()) / (group.value.std() or 1.0)
+            ax.plot([_label(m) for m in group.method], z, "o-", label=judge)
+        ax.legend(fontsize=7)
+        ax.set(ylabel="Mean score, standardised across the four models")
+    ax.set_title("Mean score of the paper's answers per 52B model\n(paper_pm_52b: the paper's PM)",
+                 fontsize=9)  # fmt: skip
+    ax.tick_params(axis="x", labelsize=7)
+    ax = axes[2]
+    chains = rows[(rows["eval"] == "palms_revisions") & (rows.metric == "pm_score")]
+    if chains.empty:
+        _empty(ax, "scores of the paper's revisions")
+    else:
+        for (judge, stage), group in chains.groupby(["judge", "stage"]):
+            group = group.groupby("revisions", as_index=False)[["value", "low", "high"]].mean()
+            _with_interval(ax, group.revisions, group, f"{judge} ({stage})", "o-")
+        ax.legend(fontsize=7)
+        ax.set(xlabel="Revision of the paper's SL-CAI chains", ylabel="Judge score")
+    ax.set_title("The paper's critique -> revision chains scored by our judges\n"
+                 "(a harmlessness judge that works scores them rising)", fontsize=9)  # fmt: skip
+    fig.suptitle("Judge validation on the paper's released PALMS samples")
+    fig.tight_layout()
+    return fig
+
+
+def validation_table(table: pd.DataFrame) -> str:
+    """Markdown: each judge's agreement with the paper's PM and its scores per paper model."""
+    rows = validation_rows(table)
+    lines = ["# Judge validation on the paper's released PALMS samples", ""]
+    agreement = rows[rows.metric == "agreement_paper_pm"]
+    if agreement.empty:
+        return "\n".join([*lines, "No validation rows yet (run the judge and eval stages).", ""])
+    lines += [
+        "Agreement with the paper's 52B PM over pairs of the paper's answers to the same "
+        "held-out prompt (95% bootstrap interval over prompts; 0.5 is chance):",
+        "",
+        "| judge | stage | backbone | agreement | 95% interval | pairs | trust | independent |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in agreement.itertuples():
+        trust = str(r.flag or "").replace("_", " ") or "above chance"
+        lines.append(
+            f"| {r.judge} | {r.stage} | {r.model} | {r.value:.3f} | [{r.low:.3f}, {r.high:.3f}] "
+            f"| {int(r.n)} | {trust} | {r.independent} |"
+        )
+    by_type = rows[(rows["eval"] == "palms_answers") & (rows.metric == "pm_score")]
+    if not by_type.empty:
+        pivot = by_type.pivot_table(index="judge", columns="method", values="value")
+        order = [m for m in ("helpful_rlhf", "hh_rlhf", "rl_cai", "rl_cai_cot") if m in pivot]
+        lines += ["", "Mean score of the paper's answers per model (paper_pm_52b: the paper's own "
+                  "PM on the same answers):", "",
+                  "| judge | " + " | ".join(_label(m) for m in order) + " |",
+                  "|---|" + "---|" * len(order)]  # fmt: skip
+        for judge, values in pivot.iterrows():
+            lines.append(f"| {judge} | " + " | ".join(f"{values[m]:+.3f}" for m in order) + " |")
+    chains = rows[(rows["eval"] == "palms_revisions") & (rows.metric == "pm_score")]
+    if not chains.empty:
+        pivot = chains.pivot_table(index="judge", columns="revisions", values="value")
+        lines += ["", "Mean score of the paper's SL-CAI chains per revision (0 = initial answer):",
+                  "", "| judge | " + " | ".join(str(int(c)) for c in pivot.columns) + " |",
+                  "|---|" + "---|" * len(pivot.columns)]  # fmt: skip
+        for judge, values in pivot.iterrows():
+            lines.append(f"| {judge} | " + " | ".join(f"{v:+.3f}" for v in values) + " |")
+    return "\n".join([*lines, ""])
+
+
+# ---------------------------------------------------------------------------------------------
 # The Elo table and writing everything
 
 
@@ -389,10 +611,16 @@ def elo_table(table: pd.DataFrame, paper: dict) -> str:
         lines += ["No Elo rows in the results yet (run the eval stage).", ""]
     else:
         lines += [
-            "This project (SL-CAI of each run = 0; 95% bootstrap intervals over prompts):",
+            "This project (SL-CAI of each run = 0; 95% bootstrap intervals over prompts). `trust`: "
+            "the judge's validation against the paper's PM (at chance / below chance: its "
+            "agreement interval reaches or lies below 0.5, so the row cannot tell an effect from "
+            "noise); never loses: the rating comes from the fit's prior, not from data; "
+            "`independent`: the judge shares no model, principles or data with the PM that "
+            "trained the judged models.",
             "",
-            "| model | series | RL sequences | judge | dimension | Elo | 95% interval | comparisons |",
-            "|---|---|---|---|---|---|---|---|",
+            "| model | series | RL sequences | judge | dimension | Elo | 95% interval | comparisons "
+            "| trust | independent |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         series = {name: i for i, name in enumerate(LABELS)}  # helpful, SL-CAI, RL runs, ...
         ordered = elo.assign(
@@ -400,9 +628,11 @@ def elo_table(table: pd.DataFrame, paper: dict) -> str:
         ).sort_values(["model", "judge", "eval", "series", "method", "order"])
         for r in ordered.itertuples():
             seq = "" if pd.isna(r.rl_sequences) else str(int(r.rl_sequences))
+            trust = str(r.flag or "").replace("_", " ").replace(";", "; ") or "validated"
             lines.append(
                 f"| {r.model} | {_label(r.method)} | {seq} | {r.judge} | {r.eval} | "
-                f"{r.value:+.0f} | [{r.low:+.0f}, {r.high:+.0f}] | {int(r.n)} |"
+                f"{r.value:+.0f} | [{r.low:+.0f}, {r.high:+.0f}] | {int(r.n)} | {trust} | "
+                f"{r.independent} |"
             )
         lines.append("")
     lines += [
@@ -425,18 +655,23 @@ FIGURES = {
     "fig6_principles": figure6,
     "fig7_critique_vs_direct": figure7,
     "fig8_rl_sequences": figure8,
+    "fig9_calibration": figure9,
+    "judge_validation": figure_validation,
 }
 
 
-def draw_all(table: pd.DataFrame, out_dir: str | Path) -> list[Path]:
-    """Every figure as PNG and PDF and elo_table.md in `out_dir`; returns the files written."""
+def draw_all(
+    table: pd.DataFrame, out_dir: str | Path, calibration: pd.DataFrame | None = None
+) -> list[Path]:
+    """Every figure as PNG and PDF, elo_table.md and judge_validation.md in `out_dir`; returns
+    the files written. `calibration`: the HHH reliability rows (Figure 9)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paper = paper_reference()
     sns.set_theme(style="whitegrid", context="paper")
     written = []
     for name, draw in FIGURES.items():
-        fig = draw(table, paper)
+        fig = draw(table, paper, calibration) if draw is figure9 else draw(table, paper)
         for suffix in ("png", "pdf"):
             path = out / f"{name}.{suffix}"
             with atomic_path(path) as tmp:  # never a half-written figure
@@ -444,18 +679,19 @@ def draw_all(table: pd.DataFrame, out_dir: str | Path) -> list[Path]:
             written.append(path)
         plt.close(fig)
     write_text_atomic(out / "elo_table.md", elo_table(table, paper))
-    written.append(out / "elo_table.md")
+    write_text_atomic(out / "judge_validation.md", validation_table(table))
+    written += [out / "elo_table.md", out / "judge_validation.md"]
     return written
 
 
 def make_figures(results_dir: str | Path, figures_dir: str | Path, extra=()) -> list[Path]:
     """Gather every result row under `results_dir` (and `extra` folders) into
     results_dir/all_results.csv, then draw every figure from that table into `figures_dir`."""
-    from cai.analysis.gather import gather
+    from cai.analysis.gather import gather, gather_calibration
 
     table = gather(results_dir, extra)
     log.info("%d result rows gathered from %s", len(table), results_dir)
-    return draw_all(table, figures_dir)
+    return draw_all(table, figures_dir, gather_calibration(results_dir, extra))
 
 
 __all__ = ["FIGURES", "draw_all", "elo_table", "make_figures", "paper_reference"]

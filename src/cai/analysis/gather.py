@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from cai.results import ROW_FIELDS, read_rows, write_rows
+from cai.results import LEGACY_FIELDS, ROW_FIELDS, read_rows, write_rows
 
 log = logging.getLogger(__name__)
 
@@ -18,13 +18,14 @@ TABLE_NAME = "all_results.csv"
 
 
 def is_rows_file(path: Path) -> bool:
-    """A CSV whose header is exactly the result-row fields (other CSVs are left alone)."""
+    """A CSV whose header is exactly the result-row fields, now or before `flag` and
+    `independent` were added (other CSVs are left alone)."""
     try:
         with open(path, newline="", encoding="utf-8") as handle:
             header = next(csv.reader(handle), [])
     except (OSError, UnicodeDecodeError):
         return False
-    return tuple(header) == ROW_FIELDS
+    return tuple(header) in (ROW_FIELDS, LEGACY_FIELDS)
 
 
 def rows_files(results_dir: str | Path, extra: list[str | Path] = ()) -> list[Path]:
@@ -50,10 +51,37 @@ def gather(results_dir: str | Path, extra: list[str | Path] = (), write: bool = 
     return as_table(unique)
 
 
+CALIBRATION_FIELDS = ("eval", "method", "low", "high", "n", "confidence", "accuracy")
+
+
+def gather_calibration(results_dir: str | Path, extra: list[str | Path] = ()) -> pd.DataFrame:
+    """Every HHH reliability table (the eval_hhh stage's calibration.csv, copied into results/)
+    under `results_dir` and `extra`, with a `model` column from the file name; deduplicated."""
+    frames = []
+    for folder in [Path(results_dir), *map(Path, extra)]:
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.rglob("*calibration*.csv")):
+            try:
+                frame = pd.read_csv(path)
+            except (OSError, ValueError, pd.errors.ParserError):
+                continue
+            if tuple(frame.columns[: len(CALIBRATION_FIELDS)]) == CALIBRATION_FIELDS:
+                if "model" not in frame:
+                    frame["model"] = path.stem.replace("hhh_calibration_", "").split("_calib")[0]
+                frames.append(frame)
+    if not frames:
+        return pd.DataFrame(columns=[*CALIBRATION_FIELDS, "model"])
+    return pd.concat(frames, ignore_index=True).drop_duplicates()
+
+
 def as_table(rows: list[dict]) -> pd.DataFrame:
     """Rows as a DataFrame: numeric columns parsed (empty -> NaN), cot as a boolean or None."""
     table = pd.DataFrame(rows, columns=list(ROW_FIELDS))
     for column in ("parameters", "revisions", "rl_sequences", "value", "low", "high", "n"):
         table[column] = pd.to_numeric(table[column], errors="coerce")
-    table["cot"] = table["cot"].map({"True": True, "False": False, True: True, False: False})
-    return table.fillna({"judge": "", "method": "", "eval": "", "model": "", "stage": ""})
+    for column in ("cot", "independent"):
+        table[column] = table[column].map({"True": True, "False": False, True: True, False: False})
+    return table.fillna(
+        {"judge": "", "method": "", "eval": "", "model": "", "stage": "", "flag": ""}
+    )

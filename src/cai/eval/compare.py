@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from cai.artifacts import Artifact, PartWriter, read_jsonl, write_jsonl_atomic
 from cai.errors import ConfigError
+from cai.results import mean_interval
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +107,15 @@ def rl_variants(cfg: DictConfig) -> dict[str, DictConfig]:
 def stage_inputs(cfg: DictConfig) -> dict:
     """The keys of the RL artifacts eval compares (part of the eval artifact's key)."""
     from cai.critique import stage_inputs as prompt_inputs
+    from cai.paper_samples import fingerprint
     from cai.pipeline import artifact_key
 
     keys = {name: artifact_key(v, "ppo") for name, v in rl_variants(cfg).items()}
-    return {**prompt_inputs(cfg), "rl_variants": keys}
+    return {
+        **prompt_inputs(cfg),
+        "rl_variants": keys,
+        "paper_samples": fingerprint(cfg.paths.data_dir),
+    }
 
 
 def plan_models(
@@ -283,8 +289,7 @@ def ai_feedback_judgements(
     """The AI feedback model's judgement of a seeded subset of the pairs (at most
     eval.ai_feedback.max_comparisons per kind), both answer orders averaged."""
     from cai.config import model_cfg_for
-    from cai.critique import load_inputs
-    from cai.feedback import Comparison, FeedbackPrompts, FeedbackSettings, label_comparisons
+    from cai.feedback import Comparison, FeedbackSettings, label_comparisons
     from cai.generation import build_engine
 
     node = cfg.eval.ai_feedback
@@ -308,8 +313,7 @@ def ai_feedback_judgements(
     ]
     if not comparisons:
         return []
-    constitution, _ = load_inputs(cfg)
-    prompts = FeedbackPrompts(constitution, str(node.helpfulness_principle))
+    prompts = ai_judge_prompts(cfg)
     settings = FeedbackSettings(num_principles=int(node.num_principles), swap=bool(node.swap))
     engine = None
     parts = PartWriter(work_dir / "judge_parts")
@@ -336,19 +340,80 @@ def ai_feedback_judgements(
     return parts.read_all()
 
 
+def ai_judge_prompts(cfg: DictConfig):
+    """The AI-feedback judge's questions: the constitution's evaluation principles (disjoint
+    from the feedback principles that labelled the PM) and the evaluation helpfulness question."""
+    from cai.critique import load_inputs
+    from cai.feedback import FeedbackPrompts
+
+    constitution, _ = load_inputs(cfg)
+    return FeedbackPrompts(
+        constitution,
+        str(cfg.eval.ai_feedback.helpfulness_principle),
+        seed=int(cfg.seed),
+        principles=constitution.evaluation,
+    )
+
+
+def ai_judge_independence(cfg: DictConfig, upstream: dict[str, Artifact]) -> dict:
+    """Whether the AI-feedback judge is independent of the PM that trained the RL models it
+    judges: no shared principles, a different helpfulness question, a different model."""
+    from cai.config import model_cfg_for
+    from cai.critique import load_inputs
+
+    constitution, _ = load_inputs(cfg)
+    node = cfg.eval.ai_feedback
+
+    def model_of(choice: str, setting: str) -> tuple:
+        m = model_cfg_for(cfg, choice, setting, upstream)
+        return (str(m.get("name")), str(m.get("path") or ""))
+
+    same_model = model_of(str(node.model), "eval.ai_feedback.model") == model_of(
+        str(cfg.feedback.model), "feedback.model"
+    )
+    shared = sorted(set(constitution.evaluation) & set(constitution.feedback))
+    same_question = str(node.helpfulness_principle) == str(cfg.feedback.helpfulness_principle)
+    return {
+        "independent": not (same_model or shared or same_question),
+        "same_model_as_feedback": same_model,
+        "shared_principles": len(shared),
+        "same_helpfulness_question": same_question,
+    }
+
+
+def validate_ai_judge(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path):
+    """The AI-feedback judge's agreement with the paper's PM on held-out PALMS prompts (rows,
+    summary); without the paper's samples, a warning and an `unvalidated` summary."""
+    from cai.config import model_cfg_for
+    from cai.eval.validation import validate_pairwise, validation_settings
+    from cai.feedback import Comparison, FeedbackSettings, label_comparisons
+    from cai.generation import build_engine
+    from cai.paper_samples import load_answers
+
+    try:
+        answers = load_answers(cfg.paths.data_dir, "test")
+    except ConfigError as error:
+        log.warning("The AI-feedback judge is not validated: %s", error)
+        return [], {"flag": "unvalidated", "reason": str(error)}
+    node = cfg.eval.ai_feedback
+    model_cfg = model_cfg_for(cfg, str(node.model), "eval.ai_feedback.model", upstream)
+    settings = FeedbackSettings(num_principles=int(node.num_principles), swap=bool(node.swap))
+    prompts = ai_judge_prompts(cfg)
+
+    def judge(pairs):
+        engine = build_engine(cfg.generation, model_cfg, cfg.paths.cache_dir)
+        comparisons = [
+            Comparison(f"palms/{i}", p, (a, b), "red_team") for i, (p, a, b) in enumerate(pairs)
+        ]
+        labels = label_comparisons(engine, prompts, comparisons, settings, int(cfg.seed))
+        return [label["p_a"] for label in labels]
+
+    common = {"stage": "eval", "model": model_cfg.name, "parameters": model_cfg.get("params", "")}
+    return validate_pairwise("ai_feedback", judge, answers, validation_settings(cfg), common)
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. Per-model measures: refusals, boilerplate, PM scores
-
-
-def mean_interval(values: list[float]) -> tuple[float, float, float]:
-    """Mean and a normal 95% interval (mean +- 1.96 standard errors)."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, mean, mean
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    half = 1.96 * sd / math.sqrt(n)
-    return mean, mean - half, mean + half
 
 
 def point_row(cfg: DictConfig, point: Point, **fields) -> dict:
@@ -367,11 +432,27 @@ def point_row(cfg: DictConfig, point: Point, **fields) -> dict:
     )
 
 
-def elo_rows(cfg: DictConfig, points: list[Point], judgements: list[dict]) -> list[dict]:
+def never_loses(player: str, judgements: list[dict]) -> bool:
+    """True when no judgement goes against `player` (its rating then comes from the fit's
+    prior, not from data: flagged)."""
+    mine = [j for j in judgements if player in (j["player_a"], j["player_b"])]
+    return bool(mine) and all(
+        (j["p_a"] > 0.5) if j["player_a"] == player else (j["p_a"] < 0.5) for j in mine
+    )
+
+
+def elo_rows(
+    cfg: DictConfig, points: list[Point], judgements: list[dict], trust: dict | None = None
+) -> list[dict]:
     """Elo per point, per (judge, dimension): Bradley-Terry over all of that judge's pairwise
-    judgements, the anchor (eval.anchor, SL-CAI) at 0, 95% bootstrap interval over prompts."""
+    judgements, the anchor (eval.anchor, SL-CAI) at 0, 95% bootstrap interval over prompts.
+
+    `trust`: {judge: {"flag": .., "independent": ..}}: each row carries its judge's validation
+    flag (at_chance, below_chance, unvalidated) and independence; a player that never loses a
+    judgement is flagged never_loses."""
     from cai.eval.elo import Comparisons, bootstrap_elo
 
+    trust = trust or {}
     players = list(dict.fromkeys(p.player for p in points))
     index = {name: i for i, name in enumerate(players)}
     anchor = next(p.player for p in points if p.series == cfg.eval.anchor)
@@ -388,11 +469,15 @@ def elo_rows(cfg: DictConfig, points: list[Point], judgements: list[dict]) -> li
         elo, low, high = bootstrap_elo(
             comparisons, len(players), index[anchor], int(cfg.eval.bootstrap), int(cfg.seed)
         )
+        judged_by = trust.get(judge, {})
         for point in points:
             i = index[point.player]
             n = sum(point.player in (j["player_a"], j["player_b"]) for j in these)
             if n == 0 and point.player != anchor:  # never judged: no rating to report
                 continue
+            flags = [judged_by.get("flag", "")]
+            if n and never_loses(point.player, these):
+                flags.append("never_loses")
             rows.append(
                 point_row(
                     cfg,
@@ -404,13 +489,19 @@ def elo_rows(cfg: DictConfig, points: list[Point], judgements: list[dict]) -> li
                     low=float(low[i]),
                     high=float(high[i]),
                     n=n,
+                    flag=";".join(f for f in flags if f),
+                    independent=judged_by.get("independent", ""),
                 )
             )
     return rows
 
 
 def model_rows(
-    cfg: DictConfig, points: list[Point], samples: list[dict], scores: dict[str, list[float]]
+    cfg: DictConfig,
+    points: list[Point],
+    samples: list[dict],
+    scores: dict[str, list[float]],
+    trust: dict | None = None,
 ) -> list[dict]:
     """Per point and prompt kind: mean PM score per judge (and their sum, the HH score, as in
     Figure 5), refusal or evasion rate, boilerplate rate, answer length."""
@@ -472,9 +563,22 @@ def model_rows(
                         low=low,
                         high=high,
                         n=len(mine),
+                        **trust_fields(trust, judge),
                     )
                 )
     return rows
+
+
+def trust_fields(trust: dict | None, judge: str) -> dict:
+    """The `flag` and `independent` fields of a row judged by `judge` (pm_hh: by both PMs)."""
+    trust = trust or {}
+    parts = ("pm_harmlessness", "pm_helpfulness") if judge == "pm_hh" else (judge,)
+    flags = sorted({trust.get(p, {}).get("flag", "") for p in parts} - {""})
+    independent = [trust.get(p, {}).get("independent", "") for p in parts]
+    return {
+        "flag": ";".join(flags),
+        "independent": all(independent) if "" not in independent else "",
+    }
 
 
 def with_hh_score(scores: dict[str, list[float]]) -> dict[str, list[float]]:
@@ -498,7 +602,9 @@ def revision_method(sl: DictConfig) -> str:
     return f"{name}_p{int(sl.num_principles)}" if sl.get("num_principles") else name
 
 
-def revision_rows(cfg: DictConfig, sl_artifact: Artifact, pm_judges: dict) -> list[dict]:
+def revision_rows(
+    cfg: DictConfig, sl_artifact: Artifact, pm_judges: dict, trust: dict | None = None
+) -> list[dict]:
     """Figure 5: mean PM score of the initial answer (0) and of each revision n of the SL data's
     red-team prompts (the first eval.max_revision_prompts), per judge and for their sum."""
     from cai.eval.judges import judge_name
@@ -535,6 +641,7 @@ def revision_rows(cfg: DictConfig, sl_artifact: Artifact, pm_judges: dict) -> li
                     low=low,
                     high=high,
                     n=len(records),
+                    **trust_fields(trust, judge),
                 )
             )
     return rows
@@ -546,7 +653,7 @@ def revision_rows(cfg: DictConfig, sl_artifact: Artifact, pm_judges: dict) -> li
 
 def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) -> dict:
     """eval: samples.jsonl, judgements.jsonl and the result rows (Elo, PM scores, rates)."""
-    from cai.eval.judges import judge_name, load_judges
+    from cai.eval.judges import judge_name, load_judges, load_validation
     from cai.modules.pm import answer_turns
     from cai.pipeline import build_with_upstream
     from cai.results import write_rows
@@ -557,27 +664,41 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
     prompts = eval_prompts(cfg)
     log.info("eval: %d models (%d distinct), %d prompts", len(points), len(players), len(prompts))
     samples = sample_answers(cfg, players, prompts, work_dir)
-    write_jsonl_atomic(work_dir / "samples.jsonl", samples)
     # PM judges score every answer; their pairwise judgements cover their own dimension
     scores: dict[str, list[float]] = {}
     judgements: list[dict] = []
     pm_judges = load_judges(upstream["judge"]) if "pm" in node.judges else {}
+    judge_trust = load_validation(upstream["judge"])
+    validation = {name: judge_trust.get(name, {}) for name in map(judge_name, pm_judges)}
     dialogues = [answer_turns(s["prompt"], s["answer"]) for s in samples]
     for dimension, judge in pm_judges.items():
         name = judge_name(dimension)
         scores[name] = judge.score(dialogues, progress=True)
         kind = next(k for k, d in DIMENSION_OF_KIND.items() if d == dimension)
         judgements += pm_judgements(samples, scores[name], name, kind)
+    # every answer with its PM judges' scores: a joint Elo fit across runs (cai.eval.joint)
+    # compares answers of different runs to the same prompt by these scores
+    samples = [s | {"scores": {n: v[i] for n, v in scores.items()}} for i, s in enumerate(samples)]
+    write_jsonl_atomic(work_dir / "samples.jsonl", samples)
+    trust = {name: judge_trust.get(name, {"flag": "unvalidated"}) | {"independent": True}
+             for name in scores}  # fmt: skip
+    rows = []
     if "ai_feedback" in node.judges:
         judgements += ai_feedback_judgements(cfg, samples, upstream, work_dir)
+        validation_rows, ai_validation = validate_ai_judge(cfg, upstream, work_dir)
+        independence = ai_judge_independence(cfg, upstream)
+        rows += [r | {"independent": independence["independent"]} for r in validation_rows]
+        trust["ai_feedback"] = {"flag": ai_validation.get("flag", ""), **independence}
+        validation["ai_feedback"] = ai_validation | independence
     if not judgements:
         raise ConfigError(
-            "eval: no judgements were made. The PM judges need hh-rlhf data (paths.data_dir); "
+            "eval: no judgements were made. The PM judges need their data (paths.data_dir); "
             "or add ai_feedback to eval.judges."
         )
     write_jsonl_atomic(work_dir / "judgements.jsonl", judgements)
-    rows = elo_rows(cfg, points, judgements) + model_rows(cfg, points, samples, scores)
-    rows += revision_rows(cfg, upstream["generate_sl"], pm_judges) if pm_judges else []
+    rows += elo_rows(cfg, points, judgements, trust)
+    rows += model_rows(cfg, points, samples, scores, trust)
+    rows += revision_rows(cfg, upstream["generate_sl"], pm_judges, trust) if pm_judges else []
     write_rows(work_dir / "rows.csv", rows)
     for folder in ("sample_parts", "judge_parts"):
         shutil.rmtree(work_dir / folder, ignore_errors=True)
@@ -596,5 +717,7 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
             j: sum(x["judge"] == j for x in judgements) for j in {x["judge"] for x in judgements}
         },
         "pm_judges": sorted(scores),
+        "judge_key": upstream["judge"].key,
+        "validation": validation,
         "elo": elo,
     }

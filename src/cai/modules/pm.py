@@ -414,6 +414,7 @@ def train_preference_model(
 def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) -> dict:
     """pm: train the preference model, save it in `work_dir/model`, evaluate it (rows.csv)."""
     from cai.config import model_cfg_for
+    from cai.eval.validation import validate_pm
     from cai.models import count_parameters
     from cai.results import write_rows
 
@@ -429,11 +430,20 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
     if is_follower():
         return trained
     rows, evaluation = evaluate(cfg, scorer, init_cfg.name, count_parameters(scorer.model))
+    # the PM that PPO optimises, validated like the judges (agreement with the paper's PM)
+    validated, validation = validate_pm(
+        scorer,
+        cfg,
+        {"stage": "pm", "model": init_cfg.name, "parameters": count_parameters(scorer.model),
+         "judge": f"training_pm_{pm.harmlessness}"},
+    )  # fmt: skip
+    rows += validated
     write_rows(work_dir / "rows.csv", rows)
     return {
         **counts,
         **trained,
         "eval": evaluation,
+        "validation": validation,
         "harmlessness": str(pm.harmlessness),
         "helpfulness": str(pm.helpfulness),
         "init": str(pm.init),
