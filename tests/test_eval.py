@@ -148,7 +148,8 @@ def test_default_pipeline_on_the_tiny_model_writes_every_figure(tmp_path, data_d
     done = run_train(args, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     figures = tmp_path / "figures"
-    expected = {f"{n}.{s}" for n in FIGURES for s in ("png", "pdf")} | {"elo_table.md"}
+    expected = {f"{n}.{s}" for n in FIGURES for s in ("png", "pdf")}
+    expected |= {"elo_table.md", "judge_validation.md"}
     assert {p.name for p in figures.iterdir()} == expected
     assert all((figures / name).stat().st_size > 1000 for name in expected)
     # the run's rows were published to results/runs/
@@ -170,7 +171,25 @@ def test_default_pipeline_on_the_tiny_model_writes_every_figure(tmp_path, data_d
     revisions = [r for r in rows if r["method"] == "sl_revision"]
     assert {r["revisions"] for r in revisions} == {"0", "1"}
     judge_acc = [r for r in rows if r["stage"] == "judge" and r["metric"] == "accuracy"]
-    assert {r["eval"] for r in judge_acc} == {"hh_rlhf_harmless", "hhh"}
+    assert {r["eval"] for r in judge_acc} == {"hhh"}  # the paper_pm judge has no hh-rlhf test
+    # every judge and the PM that PPO optimised validated against the paper's PM
+    agreement = [r for r in rows if r["metric"] == "agreement_paper_pm"]
+    assert {(r["stage"], r["judge"]) for r in agreement} >= {
+        ("judge", "pm_harmlessness"),
+        ("pm", "training_pm_ai"),
+        ("eval", "ai_feedback"),
+    }
+    for r in agreement:  # an interval around the value, and a flag exactly when it covers 0.5
+        assert float(r["low"]) <= float(r["value"]) <= float(r["high"])
+        assert (r["flag"] != "") == (float(r["low"]) <= 0.5)
+    # independence: the PM judge shares nothing with the RL-CAI PM; the AI judge is the same
+    # model as the feedback model offline
+    assert {r["independent"] for r in elo if r["judge"] == "ai_feedback"} == {"False"}
+    assert {r["independent"] for r in elo if r["judge"] == "pm_harmlessness"} == {"True"}
+    pm_flags = {r["flag"] for r in agreement if r["judge"] == "pm_harmlessness"}
+    assert {r["flag"].split(";")[0] for r in elo if r["judge"] == "pm_harmlessness"} <= pm_flags | {
+        "never_loses"
+    }
     # the eval artifact: samples and judgements that load with standard tools
     import datasets
 

@@ -1,5 +1,6 @@
 """The paper's multiple-choice evals: loader, accuracy, calibration, and the eval_hhh stage."""
 
+import json
 import math
 from pathlib import Path
 
@@ -29,23 +30,33 @@ def test_loaders_read_every_item(data_dir):
     assert len(classification) == 287 and all(len(i.options) == 9 for i in classification)
 
 
-class OracleEngine:
-    """Always puts most probability on the correct option (it knows the answers)."""
+def _raw_answers(data_dir) -> dict[str, str]:
+    """Read straight from the published file, not through load_eval: the text of both options of
+    each HHH item (from the first "[[[" to the last "]]]") -> its correct option (" (A)" or
+    " (B)")."""
+    path = Path(data_dir) / "cai-paper" / "evals" / "438HHHEvaluations.jsonl"
+    out = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        raw = json.loads(line)
+        prompt = raw["prompt"]
+        out[prompt[prompt.index("[[[") : prompt.rindex("]]]")]] = raw["corrects"][0]
+    return out
 
-    def __init__(self, items):
-        self.answer = {i.prompt: i.options[i.correct] for i in items}
+
+class OracleEngine:
+    """Always puts most probability on the correct option, which it knows from its own reading
+    of the eval file (so a loader that mixed up options would be caught)."""
+
+    def __init__(self, answers: dict[str, str]):
+        self.answers = answers
 
     def score(self, requests, prefix="", desc=""):
         out = []
         for r in requests:
-            prompt = next(
-                p
-                for p in self.answer
-                if p.strip().removesuffix("The answer is:").strip() in r.context
-            )
+            correct = next(c for options, c in self.answers.items() if options in r.context)
             out.append(
                 OptionScores(
-                    tuple(-0.1 if o == self.answer[prompt] else -3.0 for o in r.options),
+                    tuple(-0.1 if o == correct else -3.0 for o in r.options),
                     (3,) * len(r.options),
                 )
             )
@@ -57,7 +68,9 @@ class OracleEngine:
 
 def test_a_model_that_always_prefers_the_correct_text_scores_1(data_dir):
     items = load_eval("hhh", str(data_dir))
-    records = score_items(OracleEngine(items), items, ["zero_shot"], "", 1, 8, 1.0, 0)
+    records = score_items(
+        OracleEngine(_raw_answers(data_dir)), items, ["zero_shot"], "", 1, 8, 1.0, 0
+    )
     for r in records:
         r["eval"] = "hhh"
     rows, _ = summarise(records, {"model": "oracle"})
@@ -68,7 +81,7 @@ def test_a_model_that_always_prefers_the_correct_text_scores_1(data_dir):
 
 def test_cot_methods_score_after_the_reasoning(data_dir):
     items = load_eval("hhh", str(data_dir))[:3]
-    engine = OracleEngine(items)
+    engine = OracleEngine(_raw_answers(data_dir))
     records = score_items(engine, items, ["cot", "cot_ensemble"], "PREFIX", 3, 8, 1.0, 0)
     assert [r["method"] for r in records] == ["cot", "cot_ensemble"] * 3
     assert all(r["is_correct"] for r in records)

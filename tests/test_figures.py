@@ -97,7 +97,8 @@ def hand_made_rows() -> list[dict]:
 
 @pytest.mark.parametrize("name", list(FIGURES))
 def test_each_figure_draws_ours_beside_the_papers(name):
-    fig = FIGURES[name](as_table(hand_made_rows()), paper_reference())
+    rows = hand_made_rows() + (flagged_rows() if name == "judge_validation" else [])
+    fig = FIGURES[name](as_table(rows), paper_reference())
     lines = sum(len(ax.lines) for ax in fig.axes)
     texts = [t.get_text() for ax in fig.axes for t in ax.texts]
     assert len(fig.axes) >= 1 and lines > 0
@@ -105,7 +106,9 @@ def test_each_figure_draws_ours_beside_the_papers(name):
         str(h.get_label()) for ax in fig.axes for h in ax.get_legend_handles_labels()[0]
     )
     assert "paper" in titles.lower()
-    if name != "fig5_revisions":  # fig5's helpfulness panels need a helpfulness judge
+    # fig5's helpfulness panels need a helpfulness judge; fig9 and the validation figure draw
+    # other tables (test_figure9_..., test_our_series_carry_our_values_and_the_judges_trust)
+    if name not in ("fig5_revisions", "fig9_calibration"):
         assert not any(t.startswith("no rows yet") for t in texts), texts
     plt.close(fig)
 
@@ -113,7 +116,13 @@ def test_each_figure_draws_ours_beside_the_papers(name):
 @pytest.mark.parametrize("name", list(FIGURES))
 def test_each_figure_draws_the_paper_alone_from_an_empty_table(name):
     fig = FIGURES[name](as_table([]), paper_reference())
-    if name in ("fig6_principles", "fig7_critique_vs_direct"):  # no digitised paper values
+    if name in (
+        "fig6_principles",
+        "fig7_critique_vs_direct",
+        "fig9_calibration",
+        "judge_validation",
+    ):
+        # no digitised paper values: the panel says what is missing
         assert any(t.get_text().startswith("no rows yet") for ax in fig.axes for t in ax.texts)
     else:
         assert sum(len(ax.lines) for ax in fig.axes) > 0
@@ -141,5 +150,106 @@ def test_gather_deduplicates_and_skips_other_csvs(tmp_path):
 def test_draw_all_writes_png_pdf_and_the_table(tmp_path):
     written = draw_all(as_table(hand_made_rows()), tmp_path)
     assert {p.suffix for p in written} == {".png", ".pdf", ".md"}
-    assert len(written) == 2 * len(FIGURES) + 1
+    assert len(written) == 2 * len(FIGURES) + 2  # + elo_table.md, judge_validation.md
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def _ours(fig, label_start: str):
+    """(label, x, y) of our errorbar series whose label starts with `label_start`."""
+    found = []
+    for ax in fig.axes:
+        for container in ax.containers:
+            label = str(container.get_label())
+            if label.startswith(label_start) and container.lines[0] is not None:
+                line = container.lines[0]
+                found.append((label, list(line.get_xdata()), list(line.get_ydata())))
+    return found
+
+
+def flagged_rows() -> list[dict]:
+    """The hand-made rows with the PM judge at chance and the AI judge not independent, plus
+    validation, joint-fit and revision rows."""
+    rows = []
+    for r in hand_made_rows():
+        if r["judge"] == "pm_harmlessness":
+            r = {**r, "flag": "at_chance", "independent": True}
+        elif r["judge"] == "ai_feedback":
+            r = {**r, "independent": False}
+        rows.append(r)
+    for model, params, value in (("small", 1e8, -30.0), ("big", 1e9, 0.0)):
+        rows.append(row(stage="joint", run_id=model, model=model, parameters=params,
+                        eval="harmlessness", method="sl_cai", judge="pm_harmlessness",
+                        metric="elo", value=value, low=value - 5, high=value + 5, n=10))  # fmt: skip
+    for judge, stage, value, low, flag in (
+        ("pm_harmlessness", "judge", 0.66, 0.61, ""),
+        ("ai_feedback", "eval", 0.51, 0.45, "at_chance"),
+    ):
+        rows.append(row(stage=stage, run_id="v", model="m135", eval="palms_test",
+                        method="agreement", judge=judge, metric="agreement_paper_pm",
+                        value=value, low=low, high=value + 0.05, n=500, flag=flag))  # fmt: skip
+    for method, value in (("helpful_rlhf", 1.0), ("rl_cai", 2.0), ("rl_cai_cot", 0.5)):
+        for judge in ("pm_harmlessness", "paper_pm_52b"):
+            rows.append(row(stage="judge", run_id="v", model="m135", eval="palms_answers",
+                            method=method, judge=judge, metric="pm_score", value=value, n=8))  # fmt: skip
+    for n in range(5):
+        rows.append(row(stage="judge", run_id="v", model="m135", eval="palms_revisions",
+                        method="paper_sl_cai", judge="pm_harmlessness", revisions=n,
+                        metric="pm_score", value=0.1 * n, low=0.1 * n - 0.05,
+                        high=0.1 * n + 0.05, n=18))  # fmt: skip
+    return rows
+
+
+def test_our_series_carry_our_values_and_the_judges_trust():
+    table = as_table(flagged_rows())
+    paper = paper_reference()
+    fig8 = FIGURES["fig8_rl_sequences"](table, paper)
+    (label, x, y), *_ = _ours(fig8, "RL-CAI [pm_harmlessness]")
+    assert x == [0, 16, 32] and y == [0.0, 25.0, 60.0]
+    assert "judge at chance" in label
+    (label, _, _), *_ = _ours(fig8, "RL-CAI [ai_feedback]")
+    assert "judge not independent" in label and "at chance" not in label
+    fig3 = FIGURES["fig3_scaling"](table, paper)
+    (label, x, y), *_ = _ours(fig3, "SL-CAI [pm_harmlessness]")
+    assert x == [1e8, 1e9] and y == [-30.0, 0.0]  # from the joint fit, not per-run rows
+    assert "one joint fit" in " ".join(ax.get_title() for ax in fig3.axes)
+    validation = FIGURES["judge_validation"](table, paper)
+    heights = [p.get_height() for p in validation.axes[0].patches]
+    assert heights == pytest.approx([0.51, 0.66])  # ai_feedback, pm_harmlessness (sorted)
+    (label, x, y), *_ = _ours(validation, "pm_harmlessness (judge)")
+    assert y == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
+    fig5 = FIGURES["fig5_revisions"](table, paper)
+    assert "sum of the harmlessness and helpfulness judges" in " ".join(
+        ax.get_title() for ax in fig5.axes
+    ) or any("no rows yet" in t.get_text() for ax in fig5.axes for t in ax.texts)
+    for fig in (fig8, fig3, validation, fig5):
+        plt.close(fig)
+
+
+def test_tables_say_which_judge_is_at_chance(tmp_path):
+    from cai.analysis.figures import validation_table
+
+    table = as_table(flagged_rows())
+    elo = elo_table(table, paper_reference())
+    pm_rows = [line for line in elo.splitlines() if "| pm_harmlessness |" in line]
+    assert pm_rows and all("at chance" in line for line in pm_rows)
+    ai_rows = [line for line in elo.splitlines() if "| ai_feedback |" in line]
+    assert ai_rows and all(line.rstrip().endswith("False |") for line in ai_rows)
+    text = validation_table(table)
+    assert "| ai_feedback | eval | m135 | 0.510 | [0.450, 0.560] | 500 | at chance |" in text
+
+
+def test_figure9_draws_the_reliability_of_the_hhh_answers():
+    import pandas as pd
+
+    from cai.analysis.figures import figure9
+
+    calibration = pd.DataFrame(
+        {"eval": ["hhh", "hhh"], "method": ["zero_shot"] * 2, "low": [0.5, 0.9],
+         "high": [0.6, 1.0], "n": [10, 30], "confidence": [0.55, 0.95],
+         "accuracy": [0.5, 0.9], "model": ["m135"] * 2}
+    )  # fmt: skip
+    fig = figure9(as_table([]), paper_reference(), calibration)
+    ours = [line for line in fig.axes[0].lines if "zero_shot" in str(line.get_label())]
+    assert ours and list(ours[0].get_ydata()) == [0.5, 0.9]
+    assert list(ours[0].get_xdata()) == [0.55, 0.95]
+    plt.close(fig)

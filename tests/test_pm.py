@@ -191,9 +191,14 @@ def test_pm_stage_trains_saves_and_reports(make_cfg, data_dir):
     artifacts = run(cfg)
     pm = artifacts["pm"]
     metrics = pm.manifest["metrics"]
-    assert metrics["harmlessness_pairs"] == 6 and metrics["helpfulness_pairs"] == 3
-    assert metrics["train_pairs"] == 9 and metrics["steps"] == 3
+    # 6 red-team and 3 helpfulness labels at helpfulness_ratio 1: 3 of each (cai.modules.pm.mix)
+    assert metrics["harmlessness_pairs"] == 3 and metrics["helpfulness_pairs"] == 3
+    assert metrics["train_pairs"] == 6 and metrics["steps"] == 2
     rows = read_rows(pm.file("rows.csv"))
+    validation = [r for r in rows if r["eval"].startswith("palms")]
+    assert {r["metric"] for r in validation} == {"agreement_paper_pm", "pm_score"}
+    assert metrics["validation"]["pairs"] > 0
+    rows = [r for r in rows if not r["eval"].startswith("palms")]
     assert {(r["eval"], r["metric"]) for r in rows} == {
         (e, m) for e in ("hh_rlhf_harmless", "hhh") for m in ("accuracy", "margin", "ece")
     }

@@ -42,7 +42,7 @@ def test_ppo_raises_a_toy_reward(tiny_policy, tmp_path):
     ppo = OmegaConf.merge(
         OmegaConf.load(CONF_DIR / "ppo" / "default.yaml"),
         {
-            "lr": 1e-3,
+            "lr": 5e-4,  # 1e-3 overshoots: on some sampling seeds the policy finds the word, then collapses
             "max_new_tokens": 12,
             "batch_size": 16,
             "minibatch_size": 8,
@@ -161,7 +161,7 @@ def test_ppo_update_on_two_processes_stays_in_sync(tiny_policy, tmp_path):
     ppo = OmegaConf.merge(
         OmegaConf.load(CONF_DIR / "ppo" / "default.yaml"),
         {
-            "lr": 1e-3,
+            "lr": 5e-4,  # 1e-3 overshoots: on some sampling seeds the policy finds the word, then collapses
             "max_new_tokens": 8,
             "batch_size": 4,
             "minibatch_size": 4,

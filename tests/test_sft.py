@@ -160,6 +160,21 @@ def test_sft_stage_saves_a_loadable_model(make_cfg):
     assert model.config.hidden_size == 64
     assert not (sft.path / "checkpoints").exists()
     assert sft.manifest["upstream"] == {"generate_sl": artifacts["generate_sl"].key}
+    # the texts trained on are revision 2 of each red-team record, read from the file itself
+    import json
+
+    from transformers import AutoTokenizer
+
+    from cai.modules.sft import IGNORE, sl_examples
+
+    sl = artifacts["generate_sl"]
+    lines = (sl.path / "red_team.jsonl").read_text().splitlines()
+    wanted = {json.loads(x)["id"]: json.loads(x)["revisions"][1]["revision"] for x in lines}
+    tokenizer = AutoTokenizer.from_pretrained(sft.path / "model")
+    examples, _ = sl_examples(sl, 2, tokenizer, "chat", False, 10_000)
+    for example in examples:
+        target = [t for t in example.labels if t != IGNORE and t != tokenizer.eos_token_id]
+        assert tokenizer.decode(target).strip() == wanted[example.prompt_id].strip()
 
 
 def test_revision_index_beyond_the_data_fails_clearly(make_cfg):

@@ -106,6 +106,31 @@ def test_the_three_sweeps_share_upstream_and_feed_one_table_of_figures(tmp_path:
         "False",
     }
     assert (tmp_path / "figures" / "fig3_scaling.png").is_file()
+    # Figure 3 on one scale: one fit over both sizes (one judge), the largest SL-CAI at 0
+    joint = [*command, "--joint", str(folders[0]), "--bootstrap", "20"]
+    done = subprocess.run(joint, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = read_rows(tmp_path / "results" / "joint_elo.csv")
+    assert {r["model"] for r in rows} == {"tiny", "tiny_2x"}
+    anchor = [r for r in rows if r["model"] == "tiny_2x" and r["method"] == "sl_cai"]
+    assert anchor and all(float(r["value"]) == 0.0 for r in anchor)
+    small_sl = [r for r in rows if r["model"] == "tiny" and r["method"] == "sl_cai"]
+    assert small_sl and all(float(r["value"]) != 0.0 for r in small_sl)  # on the shared scale
+    assert {r["stage"] for r in rows} == {"joint"} and {r["judge"] for r in rows} == {
+        "pm_harmlessness"
+    }
+    table = read_rows(tmp_path / "results" / "all_results.csv")
+    assert any(r["stage"] == "joint" for r in table)  # gathered: Figure 3 draws from them
+    # runs judged by different judge artifacts share no scale: refused with a message
+    same_job = ["model=size_sweep", "model.preset=tiny", "sl.num_revisions=2"]
+    other_judge = [a for a in TINY_SL if not a.startswith("judge.init")] + ["judge.init=tiny_2x"]
+    other = run_train(
+        [*same_job, *other_judge], tmp_path, timeout=900
+    )  # reuses all but judge, eval
+    assert other.returncode == 0, other.stderr[-3000:]
+    mixed = [*command, "--joint", str(folders[0]), str(tmp_path / "outputs" / "runs")]
+    done = subprocess.run(mixed, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "one Elo scale needs one judge" in done.stderr
 
 
 @pytest.mark.parametrize(

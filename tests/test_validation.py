@@ -21,7 +21,6 @@ from cai.eval.validation import (
     validate_scorer,
 )
 
-
 # ---------------------------------------------------------------------------------------------
 # The reader
 
@@ -245,7 +244,8 @@ def test_judge_key_follows_its_data_files(make_cfg, tmp_path, data_dir):
     path.write_text(path.read_text().replace("drugs", "Drugs", 1))
     assert artifact_key(make_cfg(*JUDGE, f"paths.data_dir={copy}"), "judge") != before
     hh = copy / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
-    lines = gzip.open(hh, "rt").read().splitlines()[:-1]
+    with gzip.open(hh, "rt") as f:
+        lines = f.read().splitlines()[:-1]
     with gzip.open(hh, "wt") as f:
         f.write("\n".join(lines) + "\n")
     cfg = make_cfg(*JUDGE, f"paths.data_dir={copy}", "judge.harmlessness=paper_pm+harmless-base")

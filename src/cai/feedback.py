@@ -87,8 +87,16 @@ HELPFULNESS = -1  # principle index of the helpfulness question (helpfulness pai
 
 
 class FeedbackPrompts:
-    def __init__(self, constitution: Constitution, helpfulness_principle: str = "", seed: int = 0):
-        self.principles = constitution.feedback
+    def __init__(
+        self,
+        constitution: Constitution,
+        helpfulness_principle: str = "",
+        seed: int = 0,
+        principles: tuple[str, ...] | None = None,
+    ):
+        """`principles`: the questions asked (default: the constitution's feedback principles;
+        the evaluation judge passes the constitution's evaluation principles)."""
+        self.principles = tuple(principles or constitution.feedback)
         self.helpfulness_principle = helpfulness_principle
         # Few-shot block: each solved example under a principle sampled for it (seeded by the
         # stage's seed; the paper samples the principles of its few-shot examples too, section
