@@ -535,7 +535,9 @@ def figure_validation(table: pd.DataFrame, paper: dict):
             group = group.groupby("method", as_index=False)[["value"]].mean()
             group = group.set_index("method").reindex(order).dropna().reset_index()
             z = (group.value - group.value.mean()) / (group.value.std() or 1.0)
-            ax.plot([_label(m) for m in group.method], z, "o-", label=judge)
+            problem = untrusted(agreement[agreement.judge == judge]) if not agreement.empty else ""
+            label = judge + (f" (judge {problem})" if problem else "")
+            ax.plot([_label(m) for m in group.method], z, "o-", label=label)
         ax.legend(fontsize=7)
         ax.set(ylabel="Mean score, standardised across the four models")
     ax.set_title("Mean score of the paper's answers per 52B model\n(paper_pm_52b: the paper's PM)",
@@ -548,6 +550,8 @@ def figure_validation(table: pd.DataFrame, paper: dict):
     else:
         for (judge, stage), group in chains.groupby(["judge", "stage"]):
             group = group.groupby("revisions", as_index=False)[["value", "low", "high"]].mean()
+            mine = agreement[agreement.judge == judge] if not agreement.empty else agreement
+            group["flag"] = ";".join(mine.flag) if "flag" in mine else ""
             _with_interval(ax, group.revisions, group, f"{judge} ({stage})", "o-")
         ax.legend(fontsize=7)
         ax.set(xlabel="Revision of the paper's SL-CAI chains", ylabel="Judge score")
@@ -574,9 +578,10 @@ def validation_table(table: pd.DataFrame) -> str:
     ]
     for r in agreement.itertuples():
         trust = str(r.flag or "").replace("_", " ") or "above chance"
+        independent = "-" if pd.isna(r.independent) else r.independent
         lines.append(
             f"| {r.judge} | {r.stage} | {r.model} | {r.value:.3f} | [{r.low:.3f}, {r.high:.3f}] "
-            f"| {int(r.n)} | {trust} | {r.independent} |"
+            f"| {int(r.n)} | {trust} | {independent} |"
         )
     by_type = rows[(rows["eval"] == "palms_answers") & (rows.metric == "pm_score")]
     if not by_type.empty:

@@ -112,6 +112,18 @@ def trust_flag(low: float, high: float) -> str:
 # 2. Validating a judge
 
 
+def _summary(estimate: tuple, prompts: int) -> dict:
+    """The manifest's summary of an agreement estimate (value, low, high, pairs)."""
+    value, low, high, pairs = estimate
+    return {
+        "agreement": round(value, 4),
+        "interval": [round(low, 4), round(high, 4)],
+        "pairs": pairs,
+        "prompts": prompts,
+        "flag": trust_flag(low, high),
+    }
+
+
 def _agreement_row(common: dict, name: str, estimate: tuple) -> dict:
     from cai.results import row
 
@@ -176,16 +188,8 @@ def validate_scorer(
                     n=len(chains))
             )  # fmt: skip
             by_revision.append(round(mean, 4))
-    summary = {
-        "agreement": round(estimate[0], 4),
-        "interval": [round(estimate[1], 4), round(estimate[2], 4)],
-        "pairs": estimate[3],
-        "prompts": len(counts),
-        "flag": trust_flag(estimate[1], estimate[2]),
-        "score_by_model_type": by_type,
-        "score_by_revision": by_revision,
-    }
-    return rows, summary
+    summary = _summary(estimate, len(counts))
+    return rows, summary | {"score_by_model_type": by_type, "score_by_revision": by_revision}
 
 
 def palms_pairs(
@@ -221,14 +225,7 @@ def validate_pairwise(
         [b.pm_score for _, b in pairs],
     )  # fmt: skip
     estimate = bootstrap_agreement(counts, settings.bootstrap, settings.seed)
-    summary = {
-        "agreement": round(estimate[0], 4),
-        "interval": [round(estimate[1], 4), round(estimate[2], 4)],
-        "pairs": estimate[3],
-        "prompts": len(counts),
-        "flag": trust_flag(estimate[1], estimate[2]),
-    }
-    return [_agreement_row(common, name, estimate)], summary
+    return [_agreement_row(common, name, estimate)], _summary(estimate, len(counts))
 
 
 def validation_settings(cfg) -> ValidationSettings:
