@@ -14,9 +14,11 @@ from pathlib import Path
 os.environ.setdefault("CAI_ROOT", str(Path(__file__).resolve().parents[1]))
 
 import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 log = logging.getLogger("cai")
+# the run folder's name (conf/hydra/default.yaml) carries the process id: unique per run
+OmegaConf.register_new_resolver("cai_pid", os.getpid, replace=True)
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")

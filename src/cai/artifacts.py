@@ -113,7 +113,26 @@ class PartWriter:
         return self.folder / f"part-{index:06d}.jsonl"
 
     def done(self, index: int) -> bool:
-        return self._path(index).is_file()
+        """Whether batch `index` is finished. A part that does not parse (damaged on disk
+        after it was written) is set aside with a warning and done again."""
+        path = self._path(index)
+        if not path.is_file():
+            return False
+        try:
+            read_jsonl(path)
+        except (ValueError, UnicodeDecodeError) as error:
+            import logging
+
+            aside = path.with_name(path.name + ".corrupt")
+            os.replace(path, aside)
+            logging.getLogger(__name__).warning(
+                "Part %s does not parse (%s): set aside as %s and computed again.",
+                path,
+                error,
+                aside.name,
+            )
+            return False
+        return True
 
     def write(self, index: int, records: list[dict]) -> None:
         write_jsonl_atomic(self._path(index), records)
@@ -144,9 +163,18 @@ class Artifact:
         return path
 
 
+VERIFY_MODES = ("sha256", "size")
+_verified: set[tuple[str, int]] = set()  # (folder, manifest mtime) checked in this process
+
+
 class ArtifactStore:
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, verify: str = "sha256"):
+        """`verify`: how a finished artifact's files are checked against its manifest before
+        reuse: `sha256` (every byte) or `size` (fast, catches truncation)."""
+        if verify not in VERIFY_MODES:
+            raise ArtifactError(f"pipeline.verify={verify!r}: use {' or '.join(VERIFY_MODES)}.")
         self.root = Path(root)
+        self.verify = verify
 
     def folder(self, stage: str, key: str) -> Path:
         return self.root / stage / key
@@ -163,7 +191,33 @@ class ArtifactStore:
             return None
         if manifest.get("key") != key or manifest.get("status") != "complete":
             return None
+        self.check_files(stage, folder, manifest)
         return Artifact(stage, key, folder, manifest)
+
+    def check_files(self, stage: str, folder: Path, manifest: dict) -> None:
+        """Raise when a file differs from what the stage wrote (missing, another size, or, with
+        verify=sha256, other bytes): an edited or truncated artifact is never reused."""
+        seen = (str(folder), (folder / MANIFEST).stat().st_mtime_ns)
+        if seen in _verified:
+            return
+        for name, written in manifest.get("files", {}).items():
+            path = folder / name
+            if not path.is_file():
+                problem = "is missing"
+            elif path.stat().st_size != written["bytes"]:
+                problem = (
+                    f"has {path.stat().st_size} bytes where the stage wrote {written['bytes']}"
+                )
+            elif self.verify == "sha256" and sha256_file(path) != written["sha256"]:
+                problem = "has other bytes than the stage wrote (sha256 differs)"
+            else:
+                continue
+            raise ArtifactError(
+                f"{stage} artifact {folder}: {name} {problem}: it changed after the stage wrote "
+                f"it, so it is not reused. Rebuild it with pipeline.force=[{stage}] (or delete "
+                f"{folder})."
+            )
+        _verified.add(seen)
 
     @contextlib.contextmanager
     def lock(self, stage: str, key: str) -> Iterator[None]:
@@ -176,8 +230,18 @@ class ArtifactStore:
                 f"Cannot create {lock_path.parent}: {error}. Set "
                 f"paths.artifact_dir to a writable folder."
             ) from error
-        with FileLock(str(lock_path)):
+        try:
+            lock = FileLock(str(lock_path))
+            lock.acquire()
+        except OSError as error:
+            raise ArtifactError(
+                f"Cannot lock {lock_path}: {error}. The artifact folder {self.root} must be "
+                "writable: fix its permissions or set paths.artifact_dir to a writable folder."
+            ) from error
+        try:
             yield
+        finally:
+            lock.release()
 
     def start(self, stage: str, key: str, fresh: bool = False) -> Path:
         """The work folder for building (kept from a killed run unless `fresh`)."""

@@ -15,6 +15,8 @@ from cai.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = REPO_ROOT / "conf"
+# conf/hydra/default.yaml names run folders with it (src/train.py registers it too)
+OmegaConf.register_new_resolver("cai_pid", os.getpid, replace=True)
 
 
 def available_models() -> list[str]:
@@ -67,6 +69,11 @@ def model_cfg_for(cfg: DictConfig, choice: str, setting: str, upstream: dict) ->
         return load_model_preset(choice)
     if Path(choice).is_dir():
         return OmegaConf.merge(cfg.model, {"path": choice})
+    if "/" in choice or choice.startswith("."):
+        raise ConfigError(
+            f"{setting}={choice!r}: no such folder ({Path(choice).resolve()}). Name a local "
+            "transformers model folder that exists, or a model preset."
+        )
     raise ConfigError(
         f"{setting}={choice!r}: use policy, sft, a model preset ({', '.join(available_models())})"
         " or a local transformers folder."

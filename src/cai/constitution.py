@@ -17,6 +17,7 @@ import json
 import logging
 import re
 import urllib.request
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -35,6 +36,8 @@ PAPER_FILES = {
     "feedback_fewshot": "RLMadisonFewShotPrompts.json",
     "cot_fewshot": "RLMadisonPrecogFewShotPrompts.json",
 }
+
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when built with it
 
 
 @dataclass(frozen=True)
@@ -146,9 +149,13 @@ def load_constitution(
 
 def from_yaml(path: Path) -> Constitution:
     try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        raw = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=SAFE_LOADER)
     except FileNotFoundError as error:
         raise ConfigError(f"Constitution file {path} does not exist.") from error
+    except IsADirectoryError as error:
+        raise ConfigError(
+            f"Constitution file {path} is a folder: name the YAML file (constitution.path)."
+        ) from error
     except (UnicodeDecodeError, yaml.YAMLError) as error:
         raise ConfigError(f"Constitution file {path} is not valid UTF-8 YAML: {error}") from error
     return parse(raw, str(path))
@@ -169,7 +176,7 @@ def parse(raw, where: str) -> Constitution:
             )
         )
     ids = [p.id for p in principles]
-    duplicated = sorted({i for i in ids if ids.count(i) > 1})
+    duplicated = sorted(i for i, n in Counter(ids).items() if n > 1)  # linear in the ids
     if duplicated:
         check.fail("critique_revision", f"duplicate principle ids {duplicated}")
     feedback = [

@@ -220,8 +220,8 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
         critique=bool(sl.critique),
         num_fewshot=sl.get("num_fewshot"),
     )
-    red, skipped_red = _fits_context(train.red_team, builder, cfg)
-    helpful, skipped_helpful = _fits_context(train.helpful, builder, cfg)
+    red, skipped_red = _fits_context(train.red_team, builder, cfg, principles)
+    helpful, skipped_helpful = _fits_context(train.helpful, builder, cfg, principles)
     chunk = int(sl.chunk_size)
     red_parts, helpful_parts = (
         PartWriter(work_dir / "parts_red_team"),
@@ -279,19 +279,33 @@ def engine_tokenizer(engine: GenerationEngine, cfg: DictConfig):
 
 
 def _fits_context(
-    prompts: list[Prompt], builder: SLPrompts, cfg: DictConfig
+    prompts: list[Prompt], builder: SLPrompts, cfg: DictConfig, principles: tuple = ()
 ) -> tuple[list[Prompt], int]:
-    """Keep prompts whose longest request (few-shot prefix, conversation, critique, revision
-    request and the token budget) fits the model's context; count the rest."""
+    """Keep prompts whose longest request (few-shot prefix, conversation, the longest
+    principle's critique and revision requests, and the token budget) fits the model's context;
+    count the rest. A principle that alone leaves no room is an error before any work."""
     sl, tokenizer = cfg.sl, builder.tokenizer
     prefix_tokens = len(tokenizer(builder.prefix).input_ids) if builder.prefix else 0
-    longest_principle = 96  # tokens reserved for a principle's requests
+    lengths = {
+        p.id: len(tokenizer(p.critique).input_ids) + len(tokenizer(p.revision).input_ids)
+        for p in principles
+    }
+    longest_principle = max(lengths.values(), default=96)  # the real requests' tokens
     budget = (
         int(sl.max_answer_tokens)
         + int(sl.max_critique_tokens)
         + int(sl.max_revision_tokens)
         + longest_principle
     )
+    if prefix_tokens + budget >= int(cfg.model.max_context):
+        longest = max(lengths, key=lengths.get) if lengths else "(none)"
+        raise ConfigError(
+            f"No prompt can fit model.max_context={cfg.model.max_context} tokens: the few-shot "
+            f"prefix takes {prefix_tokens}, the longest principle ({longest!r}) "
+            f"{longest_principle}, and the answer, critique and revision budgets "
+            f"{budget - longest_principle}. Shorten the principle, lower sl.num_fewshot or the "
+            "sl.max_*_tokens budgets, or use a model with a longer context."
+        )
     keep = [
         p
         for p in prompts

@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig
 
-from cai.constitution import parse_turns
+from cai.constitution import SAFE_LOADER, parse_turns
 from cai.errors import ConfigError
 from cai.models import hub_reachable
 
@@ -126,6 +126,28 @@ def builtin_prompts(max_red_team: int, max_helpful: int) -> PromptSet:
     return load_prompts(cfg)
 
 
+# Chat control tokens (ChatML <|im_start|>, <|endoftext|>, Llama 3 <|eot_id|>, ...; <s> </s>):
+# in a prompt's text they would become real turns when the chat template is tokenized.
+CONTROL_TOKEN = re.compile(r"<\|[^<>|\s]{1,40}\|>|</?s>")
+
+
+def control_tokens(text: str, mode: str, kind: str) -> tuple[str, int]:
+    """`text` with chat control tokens escaped (a zero-width space after the `<`, so they read
+    the same but tokenize as text), or a ConfigError with `data.control_tokens=refuse`. Returns
+    the text and how many were found."""
+    found = CONTROL_TOKEN.findall(text)
+    if not found:
+        return text, 0
+    if mode == "refuse":
+        raise ConfigError(
+            f"A {kind} prompt contains the chat control token {found[0]!r} ({text[:80]!r}...): "
+            "prompt text must be text. Remove it, or set data.control_tokens=escape."
+        )
+    if mode != "escape":
+        raise ConfigError(f"data.control_tokens={mode!r}: use escape or refuse.")
+    return CONTROL_TOKEN.sub(lambda m: "<\u200b" + m.group(0)[1:], text), len(found)
+
+
 def _finish(
     items: list[tuple[str, str]],
     kind: str,
@@ -139,9 +161,11 @@ def _finish(
         raise ConfigError(
             f"No {kind} prompts were read for data.source={cfg.source}: the file is empty."
         )
-    seen, prompts, duplicates = set(), [], 0
+    seen, prompts, duplicates, escaped = set(), [], 0, 0
+    mode = str(cfg.get("control_tokens", "escape"))
     for category, text in items:
-        text = text.strip()
+        text, found = control_tokens(text.strip(), mode, kind)
+        escaped += found
         norm = re.sub(r"\s+", " ", text.lower())
         if not text or norm in seen:
             duplicates += bool(text)
@@ -161,6 +185,7 @@ def _finish(
         "train": len(train),
         "eval": len(evals),
         "limited_away": len(prompts) - len(train) - len(evals),
+        "control_tokens_escaped": escaped,
     }
     return train + evals
 
@@ -168,12 +193,29 @@ def _finish(
 def _from_yaml(path: Path) -> list[tuple[str, str]]:
     raw = _read_text(path)
     try:
-        tree = yaml.safe_load(raw)
+        tree = yaml.load(raw, Loader=SAFE_LOADER)
     except yaml.YAMLError as error:
         raise ConfigError(f"Prompt file {path} is not valid YAML: {error}") from error
     if not isinstance(tree, dict) or not all(isinstance(v, list) for v in tree.values()):
         raise ConfigError(f"Prompt file {path}: expected a mapping of category -> list of prompts.")
-    return [(str(cat), str(text)) for cat, texts in tree.items() for text in texts]
+    return [
+        (str(cat), prompt_text(text, f"{path}, category {cat!r}, item {i + 1}"))
+        for cat, texts in tree.items()
+        for i, text in enumerate(texts)
+    ]
+
+
+def prompt_text(value, where: str) -> str:
+    """A prompt as read from a file: non-empty text, never a number, null, list or mapping
+    (which would otherwise become prompts such as "None" or "12345")."""
+    if not isinstance(value, str):
+        raise ConfigError(
+            f"{where}: a prompt must be text, not {type(value).__name__} ({value!r}); quote it "
+            "if it is meant as text."
+        )
+    if not value.strip():
+        raise ConfigError(f"{where}: the prompt is empty or only white space.")
+    return value
 
 
 def _from_file(path: str | None, key: str) -> list[tuple[str, str]]:
@@ -191,8 +233,9 @@ def _from_file(path: str | None, key: str) -> list[tuple[str, str]]:
             if line.strip():
                 try:
                     row = json.loads(line)
-                    items.append((str(row.get("category", "none")), str(row["prompt"])))
-                except (ValueError, KeyError, AttributeError) as error:
+                    text = prompt_text(row["prompt"], f"{path}, line {number}")
+                    items.append((str(row.get("category", "none")), text))
+                except (ValueError, KeyError, AttributeError, TypeError) as error:
                     raise ConfigError(
                         f"{path}, line {number}: expected a JSON object with a "
                         f"'prompt' field ({error})."
@@ -206,7 +249,16 @@ def _read_text(path: Path) -> str:
         return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError as error:
         raise ConfigError(f"Prompt file {path} does not exist.") from error
+    except IsADirectoryError as error:
+        raise ConfigError(
+            f"Prompt file {path} is a folder: name a .txt, .jsonl or .yaml file."
+        ) from error
     except UnicodeDecodeError as error:
+        if Path(path).read_bytes()[:2] in (b"\xff\xfe", b"\xfe\xff"):
+            raise ConfigError(
+                f"Prompt file {path} is UTF-16 text; convert it to UTF-8, e.g. "
+                f"`iconv -f utf-16 -t utf-8`."
+            ) from error
         raise ConfigError(
             f"Prompt file {path} is not UTF-8 text ({error}); convert it, e.g. "
             f"`iconv -f latin1 -t utf-8`."

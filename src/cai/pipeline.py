@@ -105,12 +105,16 @@ def get_stage(name: str) -> Stage:
 
 def run(cfg: DictConfig) -> dict[str, Artifact]:
     """Run `cfg.pipeline.stages` in order; return the finished artifacts by stage name."""
+    from cai.settings import check_settings
+
+    check_settings(cfg)  # types and ranges of every numeric setting, before any work
     stages = list(cfg.pipeline.stages)
+    check_force(cfg)
     for name in stages:  # fail on a typo or conflicting settings before any work starts
         stage = get_stage(name)
         if stage.check is not None:
             stage.check(cfg)
-    store = ArtifactStore(cfg.paths.artifact_dir)
+    store = ArtifactStore(cfg.paths.artifact_dir, verify=str(cfg.pipeline.get("verify", "sha256")))
     artifacts: dict[str, Artifact] = {}
     summary = []
     follower = is_follower()
@@ -121,9 +125,7 @@ def run(cfg: DictConfig) -> dict[str, Artifact]:
         if follower:
             artifact, built = follow(cfg, name, store, artifacts), False
         else:
-            artifact, built = ensure_artifact(
-                cfg, name, store, artifacts, force=bool(cfg.pipeline.force)
-            )
+            artifact, built = ensure_artifact(cfg, name, store, artifacts, force=forced(cfg, name))
         artifacts[name] = artifact
         summary.append(
             {
@@ -146,6 +148,28 @@ def run(cfg: DictConfig) -> dict[str, Artifact]:
             write_rows(Path(output_dir) / "results.csv", rows)
             _publish(cfg, Path(output_dir), rows, _calibration_rows(artifacts))
     return artifacts
+
+
+def forced(cfg: DictConfig, name: str) -> bool:
+    """Whether `pipeline.force` asks to rebuild stage `name`: true (every listed stage) or a
+    list of stage names."""
+    force = cfg.pipeline.force
+    if isinstance(force, bool):
+        return force
+    return name in [str(f) for f in (force or [])]
+
+
+def check_force(cfg: DictConfig) -> None:
+    force = cfg.pipeline.force
+    if isinstance(force, bool) or force is None:
+        return
+    if isinstance(force, str) or not all(isinstance(f, str) for f in force):
+        raise ConfigError(
+            f"pipeline.force={force!r}: use true, false or a list of stages, e.g. "
+            "pipeline.force=[sft]."
+        )
+    for name in force:
+        get_stage(str(name))
 
 
 def _peak_memory_gb() -> float:
@@ -278,7 +302,7 @@ def _storage_error(name: str, work_dir: Path, error: Exception) -> ArtifactError
 def build_with_upstream(cfg: DictConfig, name: str) -> dict[str, Artifact]:
     """Stage `name`'s artifact under `cfg` and all its upstream artifacts, each built or reused
     (the eval stage builds the RL variants it compares this way). Returns {stage: artifact}."""
-    store = ArtifactStore(cfg.paths.artifact_dir)
+    store = ArtifactStore(cfg.paths.artifact_dir, verify=str(cfg.pipeline.get("verify", "sha256")))
     built: dict[str, Artifact] = {}
 
     def ensure(stage_name: str) -> None:
@@ -304,7 +328,7 @@ def follow(cfg: DictConfig, name: str, store: ArtifactStore, this_run: dict) -> 
     builds, locks or writes an artifact, so the processes of one run cannot contend."""
     stage = get_stage(name)
     key = artifact_key(cfg, name)
-    if not cfg.pipeline.force and (done := store.get(name, key)) is not None:
+    if not forced(cfg, name) and (done := store.get(name, key)) is not None:
         return done  # finished before this run: rank 0 reuses it too, no training to join
     if stage.follower_walk is not None:
         stage.follower_walk(cfg)

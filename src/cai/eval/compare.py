@@ -93,6 +93,11 @@ def check_settings(cfg: DictConfig) -> None:
         raise ConfigError(f"eval.judges={list(node.judges)}: choose from {', '.join(JUDGES)}.")
     if int(node.samples_per_prompt) < 1:
         raise ConfigError("eval.samples_per_prompt must be >= 1.")
+    from cai.config import model_cfg_for
+
+    for name, where in (node.get("extra_models") or {}).items():  # before any work
+        if str(where) not in ("policy", "sft"):
+            model_cfg_for(cfg, str(where), f"eval.extra_models.{name}", {})
 
 
 def rl_variants(cfg: DictConfig) -> dict[str, DictConfig]:

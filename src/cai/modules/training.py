@@ -3,13 +3,17 @@ fitting a module with resumable Lightning checkpoints."""
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import shutil
 import time
+import zipfile
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
@@ -139,6 +143,60 @@ def remaining_batches(batches: list, trainer, done: int | None = None) -> list:
     return batches[done:] + batches[:done]
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoints written to a temporary file beside the target, then renamed: a kill
+    or a full disk mid-write never leaves a truncated `last.ckpt` behind. A failed write
+    (e.g. no space left) is reported with the checkpoint's real path."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+            os.replace(tmp, path)
+        except OSError as error:
+            tmp.unlink(missing_ok=True)
+            raise OSError(error.errno, error.strerror or str(error), str(path)) from error
+        except RuntimeError as error:  # torch's own writer: "... No space left on device"
+            tmp.unlink(missing_ok=True)
+            if "No space left" in str(error):
+                raise OSError(errno.ENOSPC, "No space left on device", str(path)) from error
+            raise
+
+
+def atomic_checkpoints(trainer_cfg: DictConfig) -> list:
+    """The atomic checkpoint writer, for strategies that save one file per checkpoint (FSDP and
+    DeepSpeed write sharded folders with their own writers)."""
+    strategy = str(trainer_cfg.get("strategy", "auto")).lower()
+    return [] if "fsdp" in strategy or "deepspeed" in strategy else [AtomicCheckpointIO()]
+
+
+def usable_checkpoint(path: Path) -> bool:
+    """Whether a checkpoint file is a complete archive (every member's CRC checks). One that is
+    not (written by an older version without atomic saves, then killed) is set aside with a
+    warning, and training starts from the beginning."""
+    if not path.is_file():
+        return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        bad = str(error) or "unreadable"
+    if bad is None:
+        return True
+    aside = path.with_name(path.name + ".corrupt")
+    os.replace(path, aside)
+    log.warning(
+        "The checkpoint %s does not load (%s): set aside as %s; training starts from the "
+        "beginning.",
+        path,
+        bad,
+        aside,
+    )
+    return False
+
+
 def fit(
     cfg: DictConfig,
     module: TrainingModule,
@@ -167,6 +225,7 @@ def fit(
         gradient_clip_val=None,  # the module clips (TrainingModule.on_before_optimizer_step)
         max_steps=max_steps,
         logger=build_loggers(cfg.logger),
+        plugins=atomic_checkpoints(cfg.trainer),
         callbacks=[
             ModelCheckpoint(
                 dirpath=checkpoints,
@@ -177,7 +236,7 @@ def fit(
         ],
     )
     resume = checkpoints / "last.ckpt"
-    resumed = resume.is_file()  # a killed run left a checkpoint: continue from its step
+    resumed = usable_checkpoint(resume)  # a killed run left a checkpoint: continue from it
     start = time.perf_counter()
     try:
         trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resumed else None)
