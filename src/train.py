@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 log = logging.getLogger("cai")
 # the run folder's name (conf/hydra/default.yaml) carries the process id: unique per run
-OmegaConf.register_new_resolver("cai_pid", os.getpid, replace=True)
+OmegaConf.register_new_resolver("cai_pid", os.getpid, replace=True, use_cache=True)
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")

@@ -33,8 +33,7 @@ def cfg_in(folder: Path, *extra: str):
 
 @pytest.mark.parametrize("edit", ["edit", "truncate", "delete"])
 def test_an_artifact_changed_after_it_was_written_is_not_reused(tmp_path, edit):
-    run(cfg_in(tmp_path, *SL))
-    (folder,) = (tmp_path / "artifacts" / "generate_sl").glob("*/")
+    folder = run(cfg_in(tmp_path, *SL))["generate_sl"].path
     data = folder / "red_team.jsonl"
     text = data.read_text()
     if edit == "edit":  # same length, other bytes: only the sha256 sees it
@@ -49,7 +48,7 @@ def test_an_artifact_changed_after_it_was_written_is_not_reused(tmp_path, edit):
     message = str(error.value)
     assert "red_team.jsonl" in message and "changed after the stage wrote it" in message
     assert "pipeline.force=[generate_sl]" in message
-    assert not list((tmp_path / "artifacts").glob("sft/*/manifest.json"))  # nothing trained
+    assert not list(Path(cfg.paths.artifact_dir).glob("sft/*/manifest.json"))  # nothing trained
     if edit == "edit":  # the fast size check does not see a same-size edit
         run(cfg_in(tmp_path, *SL, "pipeline.verify=size"))
     rebuilt = run(cfg_in(tmp_path, *TINY_STAGES, "pipeline.stages=[generate_sl,sft]",

@@ -4,6 +4,7 @@ safetensors; no pickle loading of files this project did not write."""
 import re
 from pathlib import Path
 
+import pytest
 from conftest import REPO
 
 
@@ -47,3 +48,13 @@ def test_no_pickle_loading_in_the_package():
         hits = [line for line in code if pattern.search(line)]
         assert not hits, (path, hits)
     assert not list(Path(REPO / "src").rglob("*.pkl"))
+
+
+def test_yaml_files_never_build_python_objects():
+    import yaml
+
+    from cai.constitution import safe_yaml
+
+    assert safe_yaml("a: [1, 2]") == {"a": [1, 2]}
+    with pytest.raises(yaml.YAMLError):
+        safe_yaml("!!python/object/apply:os.system ['echo hi']")

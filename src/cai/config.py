@@ -16,7 +16,7 @@ from cai.errors import ConfigError
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = REPO_ROOT / "conf"
 # conf/hydra/default.yaml names run folders with it (src/train.py registers it too)
-OmegaConf.register_new_resolver("cai_pid", os.getpid, replace=True)
+OmegaConf.register_new_resolver("cai_pid", os.getpid, replace=True, use_cache=True)
 
 
 def available_models() -> list[str]:

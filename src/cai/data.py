@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig
 
-from cai.constitution import SAFE_LOADER, parse_turns
+from cai.constitution import parse_turns, safe_yaml
 from cai.errors import ConfigError
 from cai.models import hub_reachable
 
@@ -193,7 +193,7 @@ def _finish(
 def _from_yaml(path: Path) -> list[tuple[str, str]]:
     raw = _read_text(path)
     try:
-        tree = yaml.load(raw, Loader=SAFE_LOADER)
+        tree = safe_yaml(raw)
     except yaml.YAMLError as error:
         raise ConfigError(f"Prompt file {path} is not valid YAML: {error}") from error
     if not isinstance(tree, dict) or not all(isinstance(v, list) for v in tree.values()):
