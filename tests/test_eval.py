@@ -87,6 +87,20 @@ def test_elo_rows_rank_winners_anchor_sl_cai_and_share_players(make_cfg):
         assert r["model"] == "tiny" and r["n"] == 40  # 2 opponents x 20 prompts
 
 
+def test_elo_rows_flag_never_losing_players_and_carry_the_judges_trust(make_cfg):
+    cfg = make_cfg("model=tiny", "eval.bootstrap=30")
+    beats = {("rl_cai@8", "helpful"), ("rl_cai@8", "sl_cai"), ("sl_cai", "helpful")}
+    trust = {"stub": {"flag": "at_chance", "independent": False}}
+    rows = elo_rows(cfg, POINTS, _judgements(beats), trust)
+    flags = {(r["method"], r["rl_sequences"]): r["flag"] for r in rows}
+    assert flags[("rl_cai", 8)] == "at_chance;never_loses"  # wins every judgement
+    assert flags[("helpful", None)] == "at_chance"  # loses every one: a rating from data
+    assert {r["independent"] for r in rows} == {False}
+    # ties are not wins: a player that only ties is not flagged
+    rows = elo_rows(cfg, POINTS, _judgements(set()))
+    assert not any("never_loses" in r["flag"] for r in rows)
+
+
 def test_rates_and_scores():
     assert phrase_rate(
         ["I'm sorry, no.", "Sure! Here it is", "i CANNOT do that"], ["I'm sorry", "I cannot"]

@@ -225,6 +225,21 @@ def test_our_series_carry_our_values_and_the_judges_trust():
         plt.close(fig)
 
 
+def test_figure4_names_our_judge_pms_for_what_they_are():
+    rows = [
+        row(stage="judge", run_id="j", model="m135", parameters=135e6, eval="hhh",
+            method=method, judge="pm_harmlessness", metric="accuracy", value=0.5, low=0.45,
+            high=0.55, n=438)
+        for method in ("pm_paper_pm", "pm_harmless-base")
+    ]  # fmt: skip
+    fig = FIGURES["fig4_hhh"](as_table(rows), paper_reference())
+    labels = [str(c.get_label()) for c in fig.axes[0].containers]
+    assert any(label.startswith("Ours: Judge PM, paper-PM labels") for label in labels)
+    assert any(label.startswith("Ours: Judge PM, human harmlessness data only") for label in labels)
+    assert not any("PM, human feedback" in label for label in labels)  # the paper's HH PM
+    plt.close(fig)
+
+
 def test_tables_say_which_judge_is_at_chance(tmp_path):
     from cai.analysis.figures import validation_table
 

@@ -187,6 +187,14 @@ def test_judge_is_the_same_alone_and_after_other_stages(make_cfg, data_dir):
     )["judge"]
     assert again.key == alone.key
     assert _sha256s(again.path) == first
+    # a judge a user names is validated beside them (rows and validation.json)
+    named = run(
+        make_cfg(*JUDGE, "pipeline.stages=[judge]", f"paths.data_dir={data_dir}",
+                 f"+judge.extra.mine={alone.path / 'harmlessness' / 'model'}")
+    )["judge"]  # fmt: skip
+    validation = json.loads((named.path / "validation.json").read_text())
+    assert validation["mine"]["pairs"] == validation["pm_harmlessness"]["pairs"] > 0
+    assert validation["mine"]["agreement"] == validation["pm_harmlessness"]["agreement"]
 
 
 def test_pm_is_the_same_alone_and_after_other_stages(make_cfg, data_dir):
