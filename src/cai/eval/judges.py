@@ -1,5 +1,6 @@
-"""judge: the evaluation preference models, trained on human comparisons and kept apart from the
-PM that PPO optimised (the paper's judges were crowdworkers, Bai et al. 2022, section 3.3).
+"""judge: the evaluation preference models, trained on the paper's PM labels and/or human
+comparisons and kept apart from the PM that PPO optimised (the paper's judges were
+crowdworkers, Bai et al. 2022, section 3.3).
 
 One judge per dimension: harmlessness (`judge.harmlessness`: hh-rlhf harmless-base comparisons
 of split `judge_train`; `paper_pm`: pairs of the paper's released answers on train-split PALMS
