@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -26,6 +27,8 @@ from typing import Any
 from filelock import FileLock
 
 from cai.errors import ArtifactError
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 
@@ -121,11 +124,9 @@ class PartWriter:
         try:
             read_jsonl(path)
         except (ValueError, UnicodeDecodeError) as error:
-            import logging
-
             aside = path.with_name(path.name + ".corrupt")
             os.replace(path, aside)
-            logging.getLogger(__name__).warning(
+            log.warning(
                 "Part %s does not parse (%s): set aside as %s and computed again.",
                 path,
                 error,

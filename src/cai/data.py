@@ -320,6 +320,11 @@ HH_TRAIN_FLOOR = 35  # first bucket of a training split: data.eval_percent must 
 HH_SPLIT_SALT = "first-human-turn-v2"  # the split rule's version (part of PM and judge keys)
 
 
+def hh_split_rule() -> str:
+    """The hh-rlhf split rule (version and bucket ranges): part of the PM and judge keys."""
+    return f"{HH_SPLIT_SALT}:{sorted(HH_SPLITS.items())}"
+
+
 def prompt_bucket(text: str) -> int:
     """0..99 from a prompt's normalised text (lower case, runs of white space as one space)."""
     norm = re.sub(r"\s+", " ", text.strip().lower())

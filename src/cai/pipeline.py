@@ -392,8 +392,10 @@ def _hydra_output_dir() -> str | None:
 def _register_stages() -> None:
     """The pipeline's stages, in order. Each later stage adds its line here."""
     from cai import critique, feedback, pairs
+    from cai.data import hh_split_rule
     from cai.eval import compare, hhh, judges
     from cai.modules import pm, ppo, sft
+    from cai.paper_samples import fingerprint as paper_samples_fingerprint
 
     trainer_runtime = (
         "trainer.enable_progress_bar",
@@ -452,7 +454,7 @@ def _register_stages() -> None:
                     *trainer_runtime,
                 ),
                 content=lambda cfg: {
-                    "hh_rlhf_splits": pm_split_fingerprint(),
+                    "hh_rlhf_splits": hh_split_rule(),
                     "paper_samples": paper_samples_fingerprint(cfg.paths.data_dir),
                 },
             ),
@@ -473,7 +475,7 @@ def _register_stages() -> None:
                 config_keys=("judge", "trainer"),  # init names its model: one judge for all
                 version=3,  # 3: seeded head, paper_pm, PALMS validation, data fingerprints
                 ignore=("judge.checkpoint_every", "judge.eval_batch_size", *trainer_runtime),
-                content=judge_inputs,
+                content=judges.stage_inputs,
                 check=judges.check_settings,
             ),
             "eval": Stage(
@@ -507,30 +509,6 @@ def _register_stages() -> None:
             ),
         }
     )
-
-
-def judge_inputs(cfg: DictConfig) -> dict:
-    """The judge's data fingerprints; and its backbone, when `judge.init` is policy or sft (the
-    run's model then decides the judge)."""
-    from cai.eval import judges
-
-    inputs = judges.stage_inputs(cfg)
-    if str(cfg.judge.init) in ("policy", "sft"):
-        inputs["policy_model"] = OmegaConf.to_container(cfg.model, resolve=True)
-    return inputs
-
-
-def paper_samples_fingerprint(data_dir: str | None) -> str | None:
-    from cai.paper_samples import fingerprint
-
-    return fingerprint(data_dir)
-
-
-def pm_split_fingerprint() -> str:
-    """The hh-rlhf split rule (salt and fractions): part of the PM's key and manifest."""
-    from cai.data import HH_SPLIT_SALT, HH_SPLITS
-
-    return f"{HH_SPLIT_SALT}:{sorted(HH_SPLITS.items())}"
 
 
 def run_from_config(cfg: DictConfig) -> dict[str, Artifact]:

@@ -288,14 +288,43 @@ def _judgement(judge, kind, prompt_id, sample, a, b, p_a) -> dict:
     }
 
 
+class AIJudge:
+    """The AI-feedback judge: the model `eval.ai_feedback.model` asking the constitution's
+    evaluation principles (disjoint from the feedback principles that labelled the PM) and the
+    evaluation helpfulness question, both answer orders averaged. `label(comparisons)` gives the
+    feedback stage's label records; the model loads once, on first use."""
+
+    def __init__(self, cfg: DictConfig, upstream: dict[str, Artifact]):
+        from cai.config import model_cfg_for
+        from cai.feedback import FeedbackSettings
+
+        node = cfg.eval.ai_feedback
+        self.cfg = cfg
+        self.model_cfg = model_cfg_for(cfg, str(node.model), "eval.ai_feedback.model", upstream)
+        self.prompts = ai_judge_prompts(cfg)
+        self.settings = FeedbackSettings(
+            num_principles=int(node.num_principles), swap=bool(node.swap)
+        )
+        self._engine = None
+
+    def label(self, comparisons: list) -> list[dict]:
+        from cai.feedback import label_comparisons
+        from cai.generation import build_engine
+
+        if self._engine is None:
+            cfg = self.cfg
+            self._engine = build_engine(cfg.generation, self.model_cfg, cfg.paths.cache_dir)
+        return label_comparisons(
+            self._engine, self.prompts, comparisons, self.settings, int(self.cfg.seed)
+        )
+
+
 def ai_feedback_judgements(
-    cfg: DictConfig, samples: list[dict], upstream: dict[str, Artifact], work_dir: Path
+    cfg: DictConfig, samples: list[dict], judge: AIJudge, work_dir: Path
 ) -> list[dict]:
-    """The AI feedback model's judgement of a seeded subset of the pairs (at most
+    """The AI feedback judge's judgement of a seeded subset of the pairs (at most
     eval.ai_feedback.max_comparisons per kind), both answer orders averaged."""
-    from cai.config import model_cfg_for
-    from cai.feedback import Comparison, FeedbackSettings, label_comparisons
-    from cai.generation import build_engine
+    from cai.feedback import Comparison
 
     node = cfg.eval.ai_feedback
     answers = {(s["prompt_id"], s["sample"], s["player"]): s for s in samples}
@@ -318,20 +347,12 @@ def ai_feedback_judgements(
     ]
     if not comparisons:
         return []
-    prompts = ai_judge_prompts(cfg)
-    settings = FeedbackSettings(num_principles=int(node.num_principles), swap=bool(node.swap))
-    engine = None
     parts = PartWriter(work_dir / "judge_parts")
     chunk = int(node.chunk_size)
     for start in tqdm(range(0, len(comparisons), chunk), desc="ai judge chunks", unit="chunk"):
         if parts.done(start // chunk):
             continue
-        if engine is None:
-            model_cfg = model_cfg_for(cfg, str(node.model), "eval.ai_feedback.model", upstream)
-            engine = build_engine(cfg.generation, model_cfg, cfg.paths.cache_dir)
-        labels = label_comparisons(
-            engine, prompts, comparisons[start : start + chunk], settings, int(cfg.seed)
-        )
+        labels = judge.label(comparisons[start : start + chunk])
         parts.write(
             start // chunk,
             [
@@ -386,13 +407,11 @@ def ai_judge_independence(cfg: DictConfig, upstream: dict[str, Artifact]) -> dic
     }
 
 
-def validate_ai_judge(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path):
+def validate_ai_judge(cfg: DictConfig, judge: AIJudge):
     """The AI-feedback judge's agreement with the paper's PM on held-out PALMS prompts (rows,
     summary); without the paper's samples, a warning and an `unvalidated` summary."""
-    from cai.config import model_cfg_for
     from cai.eval.validation import validate_pairwise, validation_settings
-    from cai.feedback import Comparison, FeedbackSettings, label_comparisons
-    from cai.generation import build_engine
+    from cai.feedback import Comparison
     from cai.paper_samples import load_answers
 
     try:
@@ -400,21 +419,16 @@ def validate_ai_judge(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: 
     except ConfigError as error:
         log.warning("The AI-feedback judge is not validated: %s", error)
         return [], {"flag": "unvalidated", "reason": str(error)}
-    node = cfg.eval.ai_feedback
-    model_cfg = model_cfg_for(cfg, str(node.model), "eval.ai_feedback.model", upstream)
-    settings = FeedbackSettings(num_principles=int(node.num_principles), swap=bool(node.swap))
-    prompts = ai_judge_prompts(cfg)
 
-    def judge(pairs):
-        engine = build_engine(cfg.generation, model_cfg, cfg.paths.cache_dir)
+    def p_a(pairs):
         comparisons = [
             Comparison(f"palms/{i}", p, (a, b), "red_team") for i, (p, a, b) in enumerate(pairs)
         ]
-        labels = label_comparisons(engine, prompts, comparisons, settings, int(cfg.seed))
-        return [label["p_a"] for label in labels]
+        return [label["p_a"] for label in judge.label(comparisons)]
 
-    common = {"stage": "eval", "model": model_cfg.name, "parameters": model_cfg.get("params", "")}
-    return validate_pairwise("ai_feedback", judge, answers, validation_settings(cfg), common)
+    model = judge.model_cfg
+    common = {"stage": "eval", "model": model.name, "parameters": model.get("params", "")}
+    return validate_pairwise("ai_feedback", p_a, answers, validation_settings(cfg), common)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -689,8 +703,9 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
              for name in scores}  # fmt: skip
     rows = []
     if "ai_feedback" in node.judges:
-        judgements += ai_feedback_judgements(cfg, samples, upstream, work_dir)
-        validation_rows, ai_validation = validate_ai_judge(cfg, upstream, work_dir)
+        ai_judge = AIJudge(cfg, upstream)
+        judgements += ai_feedback_judgements(cfg, samples, ai_judge, work_dir)
+        validation_rows, ai_validation = validate_ai_judge(cfg, ai_judge)
         independence = ai_judge_independence(cfg, upstream)
         rows += [r | {"independent": independence["independent"]} for r in validation_rows]
         trust["ai_feedback"] = {"flag": ai_validation.get("flag", ""), **independence}

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from cai.artifacts import Artifact, write_json_atomic
 from cai.errors import ConfigError
@@ -56,8 +56,9 @@ def check_settings(cfg: DictConfig) -> None:
 
 
 def stage_inputs(cfg: DictConfig) -> dict:
-    """Fingerprints of the data the judges train and validate on (part of the judge's key)."""
-    from cai.data import HH_SPLIT_SALT, HH_SPLITS, hh_rlhf_fingerprint
+    """Fingerprints of the data the judges train and validate on (part of the judge's key); and
+    the run's model when `judge.init` is policy or sft (the judge's backbone is then that)."""
+    from cai.data import hh_rlhf_fingerprint, hh_split_rule
     from cai.paper_samples import fingerprint
 
     data_dir = cfg.paths.data_dir
@@ -65,11 +66,15 @@ def stage_inputs(cfg: DictConfig) -> dict:
         "paper_pm"
     }
     return {
-        "hh_rlhf_splits": f"{HH_SPLIT_SALT}:{sorted(HH_SPLITS.items())}",
+        "hh_rlhf_splits": hh_split_rule(),
         "hh_rlhf": {s: hh_rlhf_fingerprint(data_dir, s) for s in sorted(subsets)},
         "paper_samples": fingerprint(data_dir),
         "extra": {n: str(f) for n, f in (cfg.judge.get("extra") or {}).items()},
-    }
+    } | (
+        {"policy_model": OmegaConf.to_container(cfg.model, resolve=True)}
+        if str(cfg.judge.init) in ("policy", "sft")
+        else {}
+    )
 
 
 def paper_pm_comparisons(data_dir: str | None, max_pairs: int | None, seed: int) -> list:

@@ -16,6 +16,8 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig
 
+from cai.artifacts import atomic_path
+
 log = logging.getLogger(__name__)
 
 
@@ -144,25 +146,18 @@ def remaining_batches(batches: list, trainer, done: int | None = None) -> list:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoints written to a temporary file beside the target, then renamed: a kill
-    or a full disk mid-write never leaves a truncated `last.ckpt` behind. A failed write
-    (e.g. no space left) is reported with the checkpoint's real path."""
+    """Lightning checkpoints written through `cai.artifacts.atomic_path` (a temporary file
+    beside the target, then renamed): a kill or a full disk mid-write never leaves a truncated
+    `last.ckpt` behind, and a failed write names the checkpoint's real path."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            super().save_checkpoint(checkpoint, tmp, storage_options)
-            os.replace(tmp, path)
-        except OSError as error:
-            tmp.unlink(missing_ok=True)
-            raise OSError(error.errno, error.strerror or str(error), str(path)) from error
-        except RuntimeError as error:  # torch's own writer: "... No space left on device"
-            tmp.unlink(missing_ok=True)
-            if "No space left" in str(error):
+        with atomic_path(path) as tmp:
+            try:
+                super().save_checkpoint(checkpoint, tmp, storage_options)
+            except RuntimeError as error:  # torch's own writer reports a full disk this way
+                if "No space left" not in str(error):
+                    raise
                 raise OSError(errno.ENOSPC, "No space left on device", str(path)) from error
-            raise
 
 
 def atomic_checkpoints(trainer_cfg: DictConfig) -> list:
