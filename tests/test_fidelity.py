@@ -32,6 +32,9 @@ class RecordingEngine:
         self.requests += requests
         return self.generations[: len(requests)]
 
+    def update_weights(self, model):
+        self.synced = model
+
 
 def _ppo_module(tiny, engine, **settings):
     from cai.modules.ppo import PPOModule, ValueHead

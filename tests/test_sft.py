@@ -15,8 +15,7 @@ from cai.modules.sft import (
     bucketed_batches,
     collate,
     encode_example,
-    response_logits,
-    response_loss,
+    response_nll,
 )
 
 SMALL = [
@@ -72,26 +71,22 @@ def _full_loss(logits, labels):
     )
 
 
-def test_response_logits_keep_only_positions_that_predict_the_response(tiny):
+def test_response_nll_counts_only_positions_that_predict_the_response(tiny):
     model, tokenizer = tiny
     example = encode_example(tokenizer, "Hi", "Hello there.", "chat", "p")
     batch = collate([example], tokenizer.pad_token_id)
     n_prompt = example.labels.count(IGNORE)
     with torch.no_grad():
-        logits, targets = response_logits(model, batch)
+        nll = response_nll(model, batch)
         full = model(input_ids=batch["input_ids"]).logits
-    assert targets.tolist() == example.input_ids[n_prompt:]  # response tokens only
-    assert logits.shape == (len(targets), model.config.vocab_size)
-    # position t predicts token t + 1: the first kept position is the last prompt token
-    assert torch.allclose(logits, full[0, n_prompt - 1 : -1], atol=1e-5)
-    assert torch.allclose(response_loss(logits, targets), _full_loss(full, batch["labels"]))
-
-
-def test_response_loss_is_the_mean_cross_entropy():
-    logits = torch.zeros(2, 5)
-    logits[0, 3] = 10.0  # predicts token 3 well
-    expected = (torch.logsumexp(logits[0], 0) - 10.0 + torch.log(torch.tensor(5.0))) / 2
-    assert torch.allclose(response_loss(logits, torch.tensor([3, 1])), expected)
+    response = example.input_ids[n_prompt:]
+    assert nll.shape == (len(response),)  # response tokens only
+    # position t predicts token t + 1: the first counted position is the last prompt token
+    expected = -torch.log_softmax(full[0, n_prompt - 1 : -1].double(), -1)[
+        torch.arange(len(response)), torch.tensor(response)
+    ]
+    assert torch.allclose(nll.double(), expected, atol=1e-5)
+    assert torch.allclose(nll.mean(), _full_loss(full, batch["labels"]), atol=1e-6)
 
 
 def test_batches_group_similar_lengths():
@@ -267,7 +262,7 @@ def test_gradient_clipping_bounds_the_norm(tiny):
         AutoModelForCausalLM.from_config(model.config), 1e-3, 0.0, (0.9, 0.95), 1, clip_norm=0.01
     )
     batch = collate(_examples(tokenizer, 2), tokenizer.pad_token_id)
-    response_loss(*response_logits(module.model, batch)).backward()
+    response_nll(module.model, batch).mean().backward()
     module.on_before_optimizer_step(None)
     norm = torch.sqrt(
         sum((p.grad.float() ** 2).sum() for p in module.model.parameters() if p.grad is not None)
@@ -286,7 +281,7 @@ def test_right_padding_needs_no_attention_mask(tiny):
     ]
     batch = collate(examples, tokenizer.pad_token_id)
     with torch.no_grad():
-        ours = response_loss(*response_logits(model, batch))
+        ours = response_nll(model, batch).mean()
         masked = _full_loss(
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
             batch["labels"],

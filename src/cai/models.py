@@ -122,41 +122,6 @@ def bf16_supported() -> bool:
     return False
 
 
-def keep_freed_memory() -> bool:
-    """Ask glibc's malloc to keep freed memory for reuse instead of returning it to the system.
-
-    A CPU training step allocates and frees several buffers of 100+ MB (the fp32 logits, their
-    gradient, the dense gradient of a 49k x 576 embedding). By default glibc serves each from a
-    fresh mmap and unmaps it on free, so every step pays the page faults of touching new memory
-    again: about 15% of a SmolLM2 step here (benchmarks/README.md). Process-wide; a no-op (False)
-    where the C library is not glibc.
-    """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 1 << 30))
-
-
-def release_freed_memory() -> None:
-    """Give freed heap memory back to the system (glibc's malloc_trim) once a stage ends, so the
-    buffers `keep_freed_memory` kept for one stage do not add to the next stage's. A no-op where
-    the C library is not glibc."""
-    import contextlib
-    import ctypes
-    import ctypes.util
-    import gc
-
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-
-
 def count_parameters(model: torch.nn.Module) -> int:
     """Number of distinct parameters (tied weights counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

@@ -31,7 +31,7 @@ from cai.artifacts import (
     write_text_atomic,
 )
 from cai.errors import ArtifactError, ConfigError
-from cai.models import release_freed_memory
+from cai.memory import peak_gb, process_peak_gb, release_freed_memory, reset_peak
 from cai.modules.training import is_follower
 
 log = logging.getLogger(__name__)
@@ -122,6 +122,7 @@ def run(cfg: DictConfig) -> dict[str, Artifact]:
         log.info("Follower process of a multi-device run: joining training, writing nothing.")
     for name in stages:
         start = time.perf_counter()
+        reset_peak()  # each stage's own peak (Linux), beside the process's
         if follower:
             artifact, built = follow(cfg, name, store, artifacts), False
         else:
@@ -134,7 +135,8 @@ def run(cfg: DictConfig) -> dict[str, Artifact]:
                 "path": str(artifact.path),
                 "built": built,
                 "wall_s": round(time.perf_counter() - start, 3),
-                "peak_memory_gb": _peak_memory_gb(),  # of the process so far
+                "peak_memory_gb": peak_gb(),  # this stage's peak resident memory
+                "process_peak_memory_gb": process_peak_gb(),  # the process's, so far
             }
         )
         release_freed_memory()
@@ -147,7 +149,31 @@ def run(cfg: DictConfig) -> dict[str, Artifact]:
 
             write_rows(Path(output_dir) / "results.csv", rows)
             _publish(cfg, Path(output_dir), rows, _calibration_rows(artifacts))
+    if summary and not follower:
+        print(summary_table(summary, cfg, output_dir), flush=True)
     return artifacts
+
+
+def summary_table(summary: list[dict], cfg: DictConfig, output_dir: str | None) -> str:
+    """What `make run` prints at the end: wall time and peak memory per stage, and where the
+    results and figures are."""
+    lines = [f"{'stage':<16}{'':<8}{'wall':>10}{'peak memory':>14}"]
+    for entry in summary:
+        lines.append(
+            f"{entry['stage']:<16}{'built' if entry['built'] else 'reused':<8}"
+            f"{entry['wall_s']:>9.1f}s{entry['peak_memory_gb']:>11.2f} GB"
+        )
+    total = sum(e["wall_s"] for e in summary)
+    lines.append(
+        f"{'total':<24}{total:>9.1f}s{max(e['process_peak_memory_gb'] for e in summary):>11.2f} GB"
+        " (process peak)"
+    )
+    if output_dir is not None:
+        lines.append(f"run folder: {output_dir} (pipeline_summary.json, results.csv, train.log)")
+    if cfg.pipeline.get("figures", True) and output_dir is not None:
+        lines.append(f"results:    {cfg.paths.results_dir}")
+        lines.append(f"figures:    {cfg.paths.figures_dir}")
+    return "\n".join(lines)
 
 
 def forced(cfg: DictConfig, name: str) -> bool:
@@ -170,12 +196,6 @@ def check_force(cfg: DictConfig) -> None:
         )
     for name in force:
         get_stage(str(name))
-
-
-def _peak_memory_gb() -> float:
-    import resource
-
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)  # kB on Linux
 
 
 def _publish(

@@ -25,15 +25,24 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def build_engine(gen_cfg: DictConfig, model_cfg: DictConfig, cache_dir: str) -> GenerationEngine:
-    """The engine for `generation.backend` (hf or vllm), with its model loaded."""
-    from cai.models import load_model, model_folder
+def build_engine(
+    gen_cfg: DictConfig, model_cfg: DictConfig, cache_dir: str, model=None
+) -> GenerationEngine:
+    """The engine for `generation.backend` (hf or vllm), with its model loaded.
+
+    model: an already loaded model of `model_cfg` (e.g. the policy PPO trains); the hf engine
+    generates with it as it is (shared weights, its dtype and device), vLLM loads its own copy
+    from the folder and takes new weights through `update_weights`."""
+    from cai.models import load_model, load_tokenizer, model_folder
 
     if gen_cfg.backend == "hf":
         from cai.generation.hf import HFEngine
 
-        model, tokenizer = load_model(model_cfg, cache_dir, dtype=gen_cfg.get("dtype"))
-        model.to(resolve_device(str(gen_cfg.get("device", "auto"))))
+        if model is not None:
+            tokenizer = load_tokenizer(model_cfg, cache_dir)
+        else:
+            model, tokenizer = load_model(model_cfg, cache_dir, dtype=gen_cfg.get("dtype"))
+            model.to(resolve_device(str(gen_cfg.get("device", "auto"))))
         return HFEngine(
             model,
             tokenizer,

@@ -59,3 +59,8 @@ class GenerationEngine:
     ) -> list[OptionScores]:
         """Log-probabilities of each request's options after `prefix + request.context`."""
         raise NotImplementedError
+
+    def update_weights(self, model) -> None:
+        """Load the weights of `model` (a transformers model of the same architecture, e.g. the
+        policy PPO trains) into the engine, so the next samples come from them."""
+        raise NotImplementedError(f"{type(self).__name__} cannot take new weights.")

@@ -82,6 +82,16 @@ class HFEngine(GenerationEngine):
         """Where the model is now (a trainer may move it after the engine was built)."""
         return next(self.model.parameters()).device
 
+    @torch.no_grad()
+    def update_weights(self, model) -> None:
+        """Copy `model`'s weights into the engine's model (cast to its dtype; a no-op when the
+        engine generates with `model` itself). PPO calls it before each rollout."""
+        if model is self.model:
+            return
+        own = self.model.state_dict()
+        for name, tensor in model.state_dict().items():
+            own[name].copy_(tensor)
+
     # -----------------------------------------------------------------------------------------
     def generate(
         self,

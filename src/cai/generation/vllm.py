@@ -74,10 +74,23 @@ class VLLMEngine(GenerationEngine):
                     num_tokens=len(sample.token_ids),
                     finish_reason="stop" if sample.finish_reason == "stop" else "length",
                     prompt_tokens=len(output.prompt_token_ids),
+                    token_ids=_sampled_tokens(sample),
                     stop_token_id=_stop_token(sample),
                 )
             )
         return results
+
+    def update_weights(self, model) -> None:
+        """Load the policy's weights into vLLM's model (as OpenRLHF and TRL do between PPO
+        updates), then drop the prefix cache: keys/values of the old weights are stale."""
+        weights = [(name, t.detach().cpu()) for name, t in model.state_dict().items()]
+        if hasattr(self.llm, "apply_model"):  # vLLM >= 0.9: runs in every worker
+            self.llm.apply_model(lambda vllm_model: vllm_model.load_weights(weights))
+        else:  # older engines: the in-process driver worker
+            executor = self.llm.llm_engine.model_executor
+            executor.driver_worker.model_runner.model.load_weights(weights)
+        if hasattr(self.llm, "reset_prefix_cache"):
+            self.llm.reset_prefix_cache()
 
     def score(
         self, requests: list[ScoreRequest], prefix: str = "", desc: str = "score"
@@ -123,3 +136,12 @@ def _stop_token(sample) -> int | None:
     if sample.stop_reason is None and sample.token_ids:
         return int(sample.token_ids[-1])
     return None  # a stop string
+
+
+def _sampled_tokens(sample) -> tuple[int, ...]:
+    """The sampled token ids without the end token a sample stopped on (as the hf engine)."""
+    ids = tuple(int(t) for t in sample.token_ids)
+    stop = _stop_token(sample)
+    if ids and stop is not None and ids[-1] == stop:
+        ids = ids[:-1]
+    return ids

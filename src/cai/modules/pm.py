@@ -38,6 +38,7 @@ from cai.modules.training import (
     fit,
     is_follower,
     remaining_batches,
+    row_slices,
     shard_batches,
 )
 from cai.prompting import raw_conversation
@@ -161,13 +162,43 @@ class PairDataModule(pl.LightningDataModule):
         )
 
 
+def pair_micro_batches(batch: dict[str, torch.Tensor], budget: int | None) -> list[dict]:
+    """The batch's comparisons in micro-batches of at most `budget` padded tokens (rows A and B
+    of each comparison together), each trimmed to its own longest row."""
+    n = len(batch["p_a"])
+    lengths = (torch.maximum(batch["last"][:n], batch["last"][n:]) + 1).tolist()
+    parts = []
+    for pairs in row_slices([2 * x for x in lengths], budget):
+        rows = torch.cat([torch.arange(n)[pairs], torch.arange(n)[pairs] + n])
+        width = max(lengths[pairs])
+        parts.append(
+            {
+                "input_ids": batch["input_ids"][rows, :width],
+                "last": batch["last"][rows],
+                "p_a": batch["p_a"][pairs],
+            }
+        )
+    return parts
+
+
 class PMModule(TrainingModule):
     def training_step(self, batch, batch_idx):
-        # 1. one forward over [A rows; B rows]; 2. rewards at the last tokens
-        r = rewards(self.model, batch["input_ids"], batch["last"])
-        r_a, r_b = r.chunk(2)
-        # 3. soft-label loss; 4. log loss, agreement with the label, margin
-        loss = soft_preference_loss(r_a, r_b, batch["p_a"])
+        # 1. micro-batches within pm.micro_batch_tokens (the activations of one at a time)
+        parts = pair_micro_batches(batch, self.micro_batch_tokens)
+        n, rewards_a, rewards_b = len(batch["p_a"]), [], []
+
+        def losses():
+            for part in parts:
+                # 2. one forward over [A rows; B rows]; rewards at the last tokens
+                r_a, r_b = rewards(self.model, part["input_ids"], part["last"]).chunk(2)
+                rewards_a.append(r_a.detach())
+                rewards_b.append(r_b.detach())
+                # 3. soft-label loss, the batch's mean as a sum over micro-batches
+                yield soft_preference_loss(r_a, r_b, part["p_a"]) * len(r_a) / n
+
+        loss = self.accumulate(losses())
+        # 4. log loss, agreement with the label, margin
+        r_a, r_b = torch.cat(rewards_a), torch.cat(rewards_b)
         agree = ((r_a > r_b) == (batch["p_a"] > 0.5)).float().mean()
         n = len(r_a)
         self.log("train/loss", loss, prog_bar=True, batch_size=n)

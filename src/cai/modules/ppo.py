@@ -32,7 +32,13 @@ from cai.artifacts import Artifact, write_json_atomic
 from cai.critique import request_seed
 from cai.errors import CAIError, ConfigError
 from cai.generation.base import Request
-from cai.modules.training import rank_and_world, remaining_batches
+from cai.modules.logprobs import token_logprobs
+from cai.modules.training import (
+    MasterWeightAdamW,
+    full_precision_state_dict,
+    rank_and_world,
+    remaining_batches,
+)
 from cai.prompting import answer_prompt
 from cai.results import phrase_rate
 from cai.rl.ppo_math import (
@@ -86,11 +92,11 @@ def token_logprobs_and_hidden(
     positions = answer_positions(rollout.answer_start, length).clamp(max=hidden.shape[1] - 1)
     rows = torch.arange(len(positions), device=hidden.device)[:, None]
     states = hidden[rows, positions]  # [B, T, H]
-    logits = model.get_output_embeddings()(states).float()  # [B, T, V]
-    if temperature > 0 and temperature != 1.0:
-        logits = logits / temperature
     targets = rollout.input_ids[rows, (positions + 1).clamp(max=hidden.shape[1] - 1)]
-    logprobs = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
+    # the LM head a chunk of positions at a time: no [B, T, V] logits kept (cai.modules.logprobs)
+    logprobs = token_logprobs(
+        states.flatten(0, 1), model.get_output_embeddings().weight, targets.flatten(), temperature
+    ).view(targets.shape)
     return logprobs * rollout.mask, states
 
 
@@ -104,7 +110,7 @@ class ValueHead(torch.nn.Module):
         torch.nn.init.zeros_(self.linear.bias)
 
     def forward(self, states: torch.Tensor) -> torch.Tensor:
-        return self.linear(states).squeeze(-1).float()
+        return self.linear(states.to(self.linear.weight.dtype)).squeeze(-1).float()
 
 
 class PMValue(torch.nn.Module):
@@ -150,6 +156,7 @@ class PPOModule(pl.LightningModule):
         self.start_step = 0  # > 0 when resumed from a checkpoint
         self.snapshots: list[int] = sorted(int(s) for s in cfg.snapshot_sequences)
         self.snapshot_dir: Path | None = None
+        self.final_state: dict | None = None  # fp32 weights at the end (on_train_end)
         self.reference.requires_grad_(False)
 
     # -- 1. rollout ------------------------------------------------------------------------------
@@ -157,7 +164,7 @@ class PPOModule(pl.LightningModule):
     def rollout(self, indices: list[int]) -> Rollout:
         chosen = [self.prompts[i] for i in indices]
         rank, _ = rank_and_world(self._trainer)
-        self.policy.eval()
+        self.engine.update_weights(self.policy)  # the engine samples from the current policy
         generations = self.engine.generate(
             [
                 Request(
@@ -171,7 +178,6 @@ class PPOModule(pl.LightningModule):
             ],
             desc="ppo rollout",
         )
-        self.policy.train()
         rows, starts, ended = [], [], []
         for (_, _, prompt_text), g in zip(chosen, generations, strict=True):
             prompt_ids = self.tokenizer(prompt_text, add_special_tokens=False).input_ids
@@ -309,6 +315,9 @@ class PPOModule(pl.LightningModule):
     def on_train_start(self):
         self.start_step = self.global_step
 
+    def on_train_end(self):
+        self.final_state = self.policy_state_dict()  # the optimiser goes with the trainer
+
     def _trainable(self):
         return [p for p in self.parameters() if p.requires_grad]
 
@@ -318,12 +327,18 @@ class PPOModule(pl.LightningModule):
             if self.snapshot_dir is not None and self.trainer.is_global_zero:
                 folder = self.snapshot_dir / f"seq_{target:08d}"
                 if not folder.is_dir():
-                    save_policy(self.policy, self.tokenizer, folder)
+                    save_policy(self.policy, self.tokenizer, folder, self.policy_state_dict())
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(
-            self._trainable(), lr=float(self.ppo.lr), betas=tuple(self.ppo.betas), weight_decay=0.0
-        )
+        settings = {"lr": float(self.ppo.lr), "betas": tuple(self.ppo.betas), "weight_decay": 0.0}
+        if any(p.dtype != torch.float32 for p in self._trainable()):  # a bf16 policy
+            return MasterWeightAdamW(self._trainable(), **settings)
+        return torch.optim.AdamW(self._trainable(), **settings)
+
+    def policy_state_dict(self) -> dict:
+        """The policy's weights, in fp32 where the optimiser keeps master copies."""
+        optimizer = self.optimizers() if self._trainer is not None else None
+        return full_precision_state_dict(self.policy, optimizer)
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["cai_ppo"] = {
@@ -359,11 +374,12 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
-def save_policy(policy, tokenizer, folder: Path) -> None:
-    """save_pretrained into a temporary folder, then rename: never a half-written snapshot."""
+def save_policy(policy, tokenizer, folder: Path, state_dict: dict | None = None) -> None:
+    """save_pretrained into a temporary folder, then rename: never a half-written snapshot.
+    `state_dict`: the weights to save (e.g. fp32 master weights) instead of the model's own."""
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(tmp, safe_serialization=True)
+    policy.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     tmp.rename(folder)
 
@@ -434,48 +450,60 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
 
     from cai.artifacts import write_jsonl_atomic
     from cai.config import model_cfg_for
-    from cai.generation.hf import HFEngine
+    from cai.generation import build_engine
     from cai.models import load_model
     from cai.modules.pm import PreferenceModel, answer_turns
-    from cai.modules.training import fit, is_follower
+    from cai.modules.training import fit, is_follower, training_dtype
 
     check_settings(cfg)
     ppo = cfg.ppo
     # The policy starts from SL-CAI (paper, section 4); the Helpful-RLHF and HH-RLHF baselines
     # start from the helpful model instead (ppo.init=policy). The KL reference is the same model.
     init_cfg = model_cfg_for(cfg, str(ppo.init), "ppo.init", upstream)
-    policy, tokenizer = load_model(init_cfg, cfg.paths.cache_dir, dtype="float32")
-    reference, _ = load_model(init_cfg, cfg.paths.cache_dir, dtype="float32")
+    # bf16 weights where the trainer trains in bf16 and the hardware has it: forward and backward
+    # in bf16, fp32 master weights in the optimiser (MasterWeightAdamW); the reference and the PM
+    # in bf16 too (half the memory; the reference's log-probabilities come from the same kernels
+    # as the policy's, so the KL starts at exactly 0).
+    dtype = training_dtype(cfg.trainer)
+    policy, tokenizer = load_model(init_cfg, cfg.paths.cache_dir, dtype=dtype)
+    reference, _ = load_model(init_cfg, cfg.paths.cache_dir, dtype=dtype)
     reference.eval()
     from cai.generation import resolve_device
 
     device = resolve_device(str(cfg.generation.get("device", "auto")))
     if cfg.trainer.accelerator == "cpu":
         device = "cpu"
-    pm = PreferenceModel.load(upstream["pm"].path / "model", device=device)
+    pm = PreferenceModel.load(upstream["pm"].path / "model", dtype=dtype, device=device)
     if ppo.value_model == "head":
         value = ValueHead(policy.config.hidden_size)
     else:
-        value = PMValue(PreferenceModel.load(upstream["pm"].path / "model").model)
+        value = PMValue(PreferenceModel.load(upstream["pm"].path / "model", dtype=dtype).model)
         value.train()
 
     def reward_fn(prompts: list[str], answers: list[str]) -> list[float]:
         return pm.score([answer_turns(p, a) for p, a in zip(prompts, answers, strict=True)])
 
     prompts = ppo_prompts(cfg, tokenizer, cfg.model.prompt_format)
-    engine = HFEngine(policy, tokenizer, batch_size=int(cfg.generation.batch_size), progress=False)
+    # Rollouts come from the configured engine (generation=hf or vllm) with its own copy of the
+    # policy (bf16 where supported), given the trained weights before each rollout.
+    engine = build_engine(
+        OmegaConf.merge(cfg.generation, {"progress": False}),
+        init_cfg,
+        cfg.paths.cache_dir,
+        model=policy,  # hf: generate with the policy itself (bf16 here); vllm: its own copy
+    )
     module = PPOModule(policy, reference, value, engine, reward_fn, tokenizer, prompts, ppo)
     module.seed = int(cfg.seed)
     module.snapshot_dir = work_dir / "snapshots"
     module.snapshot_dir.mkdir(parents=True, exist_ok=True)
-    # One epoch over ppo.steps prompt batches = ppo.steps iterations; fp32, since the rollouts
-    # sample from the weights being trained.
-    run_cfg = OmegaConf.merge(cfg, {"trainer": {"precision": "32-true", "max_epochs": 1}})
+    # One epoch over ppo.steps prompt batches = ppo.steps iterations; the weights' own precision
+    # (no autocast: a bf16 policy is bf16 already).
+    run_cfg = OmegaConf.merge(cfg, {"trainer": {"max_epochs": 1, "precision": "32-true"}})
     data = PromptBatches(len(prompts), int(ppo.steps), int(ppo.batch_size), int(cfg.seed))
     trained = fit(run_cfg, module, data, work_dir, -1, int(ppo.checkpoint_every))
     if is_follower():  # several processes: global rank 0 saves
         return trained
-    save_policy(policy, tokenizer, work_dir / "model")
+    save_policy(policy, tokenizer, work_dir / "model", module.final_state)
     write_jsonl_atomic(work_dir / "metrics.jsonl", module.history)
     snapshots = sorted(  # finished snapshots only (a killed save leaves seq_<n>.tmp)
         p.name for p in (work_dir / "snapshots").glob("seq_*") if not p.name.endswith(".tmp")

@@ -22,7 +22,15 @@ from torch.utils.data import DataLoader
 
 from cai.artifacts import Artifact, read_jsonl
 from cai.errors import ConfigError
-from cai.modules.training import TrainingModule, fit, is_follower, remaining_batches, shard_batches
+from cai.modules.logprobs import token_logprobs
+from cai.modules.training import (
+    TrainingModule,
+    fit,
+    is_follower,
+    remaining_batches,
+    row_slices,
+    shard_batches,
+)
 
 log = logging.getLogger(__name__)
 IGNORE = -100  # label of tokens that carry no loss (the prompt, padding)
@@ -217,28 +225,32 @@ class SFTDataModule(pl.LightningDataModule):
 # 3. The module
 
 
-def response_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of the response tokens, computed in fp32.
+def response_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Negative log-likelihood of each response token [N], N = response tokens of the batch.
 
-    logits: [N, V] at the N positions that predict a response token; targets: [N].
-    """
-    return torch.nn.functional.cross_entropy(logits.float(), targets)
-
-
-def response_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits only at the positions that predict a response token, and those tokens.
-
-    batch: input_ids and labels [B, T] (labels IGNORE on prompt and padding). Returns logits
-    [N, V] and targets [N], N = number of response tokens. The decoder runs on every position,
-    the LM head (49k x 576 for SmolLM2, a fifth of the model's FLOPs) only where it counts.
+    batch: input_ids and labels [B, T] (labels IGNORE on prompt and padding). The decoder runs
+    on every position, the LM head (49k x 576 for SmolLM2, a fifth of the model's FLOPs) only
+    where a response token is predicted, a chunk at a time (cai.modules.logprobs: no [N, V]
+    logits kept).
     """
     targets = batch["labels"][:, 1:]  # position t predicts token t + 1
     counted = targets != IGNORE
     # Padding is on the right, so under the causal mask no real token attends to a pad: no
     # attention mask is needed, and attention takes the fused causal path.
     hidden = model.get_decoder()(input_ids=batch["input_ids"]).last_hidden_state  # [B, T, H]
-    logits = model.get_output_embeddings()(hidden[:, :-1][counted])  # [N, V]
-    return logits, targets[counted]
+    head = model.get_output_embeddings()
+    return -token_logprobs(hidden[:, :-1][counted], head.weight, targets[counted])
+
+
+def sft_micro_batches(batch: dict[str, torch.Tensor], budget: int | None) -> list[dict]:
+    """The batch's rows in micro-batches of at most `budget` padded tokens, each trimmed to its
+    own longest row (right padding)."""
+    lengths = batch["attention_mask"].sum(1).tolist()
+    parts = []
+    for rows in row_slices(lengths, budget):
+        width = max(lengths[rows])
+        parts.append({k: v[rows, :width] for k, v in batch.items()})
+    return parts
 
 
 class SFTModule(TrainingModule):
@@ -249,8 +261,12 @@ class SFTModule(TrainingModule):
         self._tokens, self._started = 0, None
 
     def training_step(self, batch, batch_idx):
-        # 1. forward over prompt + response; 2. loss on response tokens only
-        loss = response_loss(*response_logits(self.model, batch))
+        # 1. micro-batches within sft.micro_batch_tokens (the activations of one at a time)
+        parts = sft_micro_batches(batch, self.micro_batch_tokens)
+        counted = int((batch["labels"][:, 1:] != IGNORE).sum())
+        # 2. forward over prompt + response, loss on response tokens only: the batch's mean,
+        # as the sum over micro-batches (the same gradient as one pass over the batch)
+        loss = self.accumulate(response_nll(self.model, part).sum() / counted for part in parts)
         # 3. log loss and throughput (all tokens processed, padding excluded)
         self._tokens += int(batch["attention_mask"].sum())
         self._started = self._started or time.perf_counter()
@@ -262,7 +278,7 @@ class SFTModule(TrainingModule):
     def validation_step(self, batch, batch_idx):
         self.log(
             "val/loss",
-            response_loss(*response_logits(self.model, batch)),
+            response_nll(self.model, batch).mean(),
             prog_bar=True,
             batch_size=batch["input_ids"].shape[0],
         )

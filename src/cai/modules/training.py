@@ -33,10 +33,12 @@ class TrainingModule(pl.LightningModule):
         betas,
         warmup_steps: int,
         clip_norm: float | None = None,
-        cpu_attention: str | None = "eager",
+        cpu_attention: str | None = "sdpa",
+        micro_batch_tokens: int | None = None,
     ):
         super().__init__()
         self.model = model
+        self.micro_batch_tokens = micro_batch_tokens  # padded tokens per forward pass (None: all)
         self.cpu_attention = cpu_attention  # attention kernel for training on a CPU
         self.clip_norm = clip_norm  # clipped here: Lightning refuses to clip with a fused optimizer
         self.lr, self.weight_decay, self.betas, self.warmup_steps = (
@@ -59,16 +61,33 @@ class TrainingModule(pl.LightningModule):
             int(stage.warmup_steps),
             clip_norm=float(clip) if clip else None,
             cpu_attention=stage.get("cpu_attention"),
+            micro_batch_tokens=stage.get("micro_batch_tokens"),
         )
+
+    def accumulate(self, losses) -> torch.Tensor:
+        """Backpropagate each loss of a batch's micro-batches as it comes (so one micro-batch's
+        activations are alive at a time) but the last, which Lightning backpropagates when the
+        training step returns it. Returns the total loss (gradient flows from the last part).
+        The parts' losses must add up to the batch's loss."""
+        previous, total = None, 0.0
+        for loss in losses:
+            if previous is not None:
+                self._backward(previous)
+            total = total + loss.detach()
+            previous = loss
+        return previous + (total - previous.detach())
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        if self._trainer is None:  # called outside a fit (tests)
+            loss.backward()
+        else:  # through the strategy: precision plugin (loss scaling) and DDP hooks
+            self.trainer.strategy.backward(loss, None)
 
     def on_fit_start(self):
         if self.device.type != "cpu":
             return
-        from cai.models import keep_freed_memory
-
-        keep_freed_memory()  # no page faults on the step's fresh 100+ MB buffers (models.py)
         self._attention = self.model.config._attn_implementation
-        if self.cpu_attention:  # eager (bmm) attention trains faster here than SDPA's CPU kernel
+        if self.cpu_attention:  # sdpa: memory linear in length (eager keeps [B, H, T, T] weights)
             self.model.set_attn_implementation(self.cpu_attention)
 
     def on_fit_end(self):
@@ -97,6 +116,33 @@ class TrainingModule(pl.LightningModule):
             optimizer, lambda step: min(1.0, (step + 1) / warmup)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def row_slices(lengths: list[int], budget: int | None) -> list[slice]:
+    """Consecutive groups of rows whose padded size (rows x longest row) stays within `budget`
+    tokens (a longer row goes alone); one group when budget is None."""
+    if not budget:
+        return [slice(0, len(lengths))]
+    groups, start, widest = [], 0, 0
+    for i, n in enumerate(lengths):
+        if i > start and (i - start + 1) * max(widest, n) > budget:
+            groups.append(slice(start, i))
+            start, widest = i, 0
+        widest = max(widest, n)
+    groups.append(slice(start, len(lengths)))
+    return groups
+
+
+def training_dtype(trainer_cfg: DictConfig) -> str:
+    """The weights' dtype for a stage that trains bf16 weights itself (PPO): bfloat16 when
+    `trainer.precision` is a bf16 one and the hardware has bf16, else float32."""
+    from cai.models import bf16_supported
+
+    if "bf16" not in str(trainer_cfg.precision):
+        return "float32"
+    if trainer_cfg.accelerator == "cpu" and not bf16_supported():
+        return "float32"
+    return "bfloat16"
 
 
 def is_follower() -> bool:
@@ -206,6 +252,7 @@ def fit(
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     from cai.loggers import build_loggers
+    from cai.memory import release_freed_memory, reuse_freed_memory
     from cai.models import bf16_supported
 
     checkpoints = work_dir / "checkpoints"
@@ -234,7 +281,8 @@ def fit(
     resumed = usable_checkpoint(resume)  # a killed run left a checkpoint: continue from it
     start = time.perf_counter()
     try:
-        trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resumed else None)
+        with reuse_freed_memory():  # no page faults on each step's fresh buffers (cai.memory)
+            trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resumed else None)
     except RuntimeError as error:
         if resumed and "state_dict" in str(error):  # weights of another model or settings
             from cai.errors import ArtifactError
@@ -248,10 +296,85 @@ def fit(
     wall = time.perf_counter() - start
     if not is_follower():  # resumable state is not part of the artifact; rank 0 tidies up
         shutil.rmtree(checkpoints, ignore_errors=True)
-    return {
+    metrics = {
         "steps": trainer.global_step,
         "resumed": resumed,
         "start_step": module.start_step,
         "fit_wall_s": round(wall, 2),
         **{k: float(v) for k, v in trainer.callback_metrics.items()},
+    }
+    # The optimiser state (2x the weights) goes with the trainer: let it go before the stage
+    # scores or saves anything, so it does not add to the stage's peak memory.
+    module.trainer = None
+    del trainer
+    release_freed_memory()
+    return metrics
+
+
+class MasterWeightAdamW(torch.optim.AdamW):
+    """AdamW for a model held in bf16: the update runs on fp32 master copies of its weights
+    (mixed-precision training as in Megatron-LM and DeepSpeed), which are then rounded into the
+    model. Forward and backward passes run in bf16 on half the memory; small updates are not
+    lost to bf16 rounding. fp32 parameters (e.g. a value head) are updated in place as usual.
+    The master copies are part of `state_dict`, so a resumed run continues from them exactly."""
+
+    def __init__(self, params, **settings):
+        self.model_params = [p for p in params if p.requires_grad]
+        masters = [
+            p if p.dtype == torch.float32 else p.detach().float().requires_grad_(True)
+            for p in self.model_params
+        ]
+        super().__init__(masters, **settings)
+
+    def _masters(self) -> list[torch.Tensor]:
+        return self.param_groups[0]["params"]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for param, master in zip(self.model_params, self._masters(), strict=True):
+            if master is not param:
+                master.grad = None if param.grad is None else param.grad.float()
+        super().step()
+        for param, master in zip(self.model_params, self._masters(), strict=True):
+            if master is not param:
+                param.copy_(master)
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True):
+        super().zero_grad(set_to_none)
+        for param in self.model_params:
+            param.grad = None
+
+    def full_precision(self) -> dict[int, torch.Tensor]:
+        """id(model parameter) -> its fp32 master weights."""
+        return {id(p): m for p, m in zip(self.model_params, self._masters(), strict=True)}
+
+    def state_dict(self):
+        state = super().state_dict()
+        state["master_weights"] = [m.detach().clone() for m in self._masters()]
+        return state
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        masters = state_dict.pop("master_weights", None)
+        super().load_state_dict(state_dict)
+        if masters is not None:
+            with torch.no_grad():
+                for master, saved in zip(self._masters(), masters, strict=True):
+                    master.copy_(saved)
+
+
+def full_precision_state_dict(model, optimizer) -> dict[str, torch.Tensor]:
+    """`model.state_dict()` with the optimiser's fp32 master weights where it keeps them."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # Lightning wraps optimisers
+    masters = inner.full_precision() if isinstance(inner, MasterWeightAdamW) else {}
+    by_storage = {p.data_ptr(): masters[id(p)] for p in model.parameters() if id(p) in masters}
+    # tied weights (embedding = LM head) share storage: both names get the same master tensor
+    return {
+        name: by_storage.get(tensor.data_ptr(), tensor).detach()
+        for name, tensor in model.state_dict().items()
     }
