@@ -17,6 +17,7 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig
 
 from cai.artifacts import atomic_path
+from cai.memory import trim_heap
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,9 @@ class TrainingModule(pl.LightningModule):
 
     def on_train_start(self):
         self.start_step = self.global_step  # > 0 when resumed from a checkpoint
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        trim_heap()  # each step starts from the same footprint (cai.memory.trim_heap)
 
     def on_before_optimizer_step(self, optimizer):
         if self.clip_norm:
@@ -252,7 +256,7 @@ def fit(
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     from cai.loggers import build_loggers
-    from cai.memory import release_freed_memory, reuse_freed_memory
+    from cai.memory import release_freed_memory
     from cai.models import bf16_supported
 
     checkpoints = work_dir / "checkpoints"
@@ -281,8 +285,7 @@ def fit(
     resumed = usable_checkpoint(resume)  # a killed run left a checkpoint: continue from it
     start = time.perf_counter()
     try:
-        with reuse_freed_memory():  # no page faults on each step's fresh buffers (cai.memory)
-            trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resumed else None)
+        trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resumed else None)
     except RuntimeError as error:
         if resumed and "state_dict" in str(error):  # weights of another model or settings
             from cai.errors import ArtifactError
@@ -305,8 +308,9 @@ def fit(
     }
     # The optimiser state (2x the weights) goes with the trainer: let it go before the stage
     # scores or saves anything, so it does not add to the stage's peak memory.
-    module.trainer = None
+    module.trainer = data.trainer = None
     del trainer
+    module.zero_grad(set_to_none=True)
     release_freed_memory()
     return metrics
 
