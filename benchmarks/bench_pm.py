@@ -125,11 +125,6 @@ def main():
     ours = run_ours(model, tokenizer, data, args.batch_size)
     print(f"cai PMModule (Lightning)      {ours:8.2f} pairs/s")
     print(f"speed-up: {ours / trl_rate:.2f}x")
-    # Our module set a process-wide malloc option (cai.models.keep_freed_memory); for context,
-    # TRL again with that option in force.
-    model, tokenizer = init_preference_model(spec, cache)
-    again = run_trl(model, tokenizer, data, args.batch_size)
-    print(f"TRL RewardTrainer, same malloc {again:7.2f} pairs/s  (ours: {ours / again:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
-"""PPO step time with SmolLM2-135M on this CPU, split into rollout, scoring and update, and
-samples/s. The rollout is measured side by side against a named baseline: `model.generate`
-on each prompt in turn (the plain loop), same policy, prompts and answer length.
+"""PPO iteration time with SmolLM2-135M on this CPU, split into rollout, scoring and update,
+samples/s and peak memory, for the stage's precision (bf16 weights with fp32 master weights in
+the optimiser, where the CPU has bf16) beside fp32 weights (the stage before), in one run. The
+rollout is also measured against a named baseline: `model.generate` on each prompt in turn (the
+plain loop), same policy, prompts and answer length.
 
-    python benchmarks/bench_ppo.py                        # 3 iterations of 8 rollouts
+    python benchmarks/bench_ppo.py                        # 3 iterations of 8 rollouts, each dtype
     python benchmarks/bench_ppo.py --model tiny --steps 2 # seconds
 
 The PM is the policy's backbone with a fresh one-output head (the speed does not depend on its
-weights); the reference is a frozen copy of the policy; value head on the policy; fp32 weights
-(the rollout reads the policy being trained).
+weights); the reference is a frozen copy of the policy; value head on the policy.
 """
 
 from __future__ import annotations
@@ -29,27 +30,20 @@ from omegaconf import OmegaConf  # noqa: E402
 from cai.config import CONF_DIR, load_model_preset  # noqa: E402
 from cai.data import builtin_prompts  # noqa: E402
 from cai.generation.hf import HFEngine  # noqa: E402
-from cai.models import load_model  # noqa: E402
+from cai.memory import peak_gb, reset_peak  # noqa: E402
+from cai.models import bf16_supported, load_model  # noqa: E402
 from cai.modules.pm import PreferenceModel, answer_turns, init_preference_model  # noqa: E402
 from cai.modules.ppo import PPOModule, PromptBatches, ValueHead  # noqa: E402
 from cai.prompting import answer_prompt  # noqa: E402
 
 
-def main():
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--model", default="smollm2_135m")
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    args = parser.parse_args()
-    cache = str(Path.home() / ".cache" / "cai")
-    spec = load_model_preset(args.model)
-    policy, tokenizer = load_model(spec, cache, dtype="float32")
+def run(args, spec, cache, dtype: str) -> tuple[PPOModule, dict]:
+    """`args.steps` PPO iterations with weights in `dtype`; the module and the median parts."""
+    reset_peak()
+    policy, tokenizer = load_model(spec, cache, dtype=dtype)
     reference = copy.deepcopy(policy).eval()
     pm_model, _ = init_preference_model(spec, cache)
-    pm = PreferenceModel(pm_model.eval(), tokenizer, spec.prompt_format)
+    pm = PreferenceModel(pm_model.to(getattr(torch, dtype)).eval(), tokenizer, spec.prompt_format)
 
     def reward(prompts, answers):
         return pm.score([answer_turns(p, a) for p, a in zip(prompts, answers, strict=True)])
@@ -66,11 +60,6 @@ def main():
             "max_new_tokens": args.max_new_tokens,
             "snapshot_sequences": [],
         },
-    )
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, model {args.model} fp32, "
-        f"{args.batch_size} rollouts of up to {args.max_new_tokens} tokens per iteration, "
-        f"{ppo.epochs} epochs x minibatches of {ppo.minibatch_size}"
     )
     engine = HFEngine(policy, tokenizer, batch_size=args.batch_size, progress=False)
     module = PPOModule(
@@ -102,9 +91,43 @@ def main():
     }
     step = sum(parts.values())
     print(
-        "median iteration: "
+        f"{dtype:<9} median iteration: "
         + ", ".join(f"{k} {v:.1f} s ({100 * v / step:.0f}%)" for k, v in parts.items())
-        + f"; {args.batch_size / step:.2f} samples/s ({total:.0f} s for {args.steps} iterations)"
+        + f"; {args.batch_size / step:.2f} samples/s ({total:.0f} s for {args.steps} iterations); "
+        f"peak memory {peak_gb():.2f} GB"
+    )
+    return module, {"step": step, "tokenizer": tokenizer, "prompts": prompts}
+
+
+def main():
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="smollm2_135m")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    args = parser.parse_args()
+    cache = str(Path.home() / ".cache" / "cai")
+    spec = load_model_preset(args.model)
+    ppo = OmegaConf.load(CONF_DIR / "ppo" / "default.yaml")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, model {args.model}, "
+        f"{args.batch_size} rollouts of up to {args.max_new_tokens} tokens per iteration, "
+        f"{ppo.epochs} epochs x minibatches of {ppo.minibatch_size}"
+    )
+    dtypes = ["float32"] + (["bfloat16"] if bf16_supported() else [])
+    results = {dtype: run(args, spec, cache, dtype) for dtype in dtypes}
+    if len(results) == 2:
+        print(
+            f"speed-up of bf16 over fp32: {results['float32'][1]['step'] / results['bfloat16'][1]['step']:.2f}x"
+        )
+    module, info = results[dtypes[-1]]
+    policy, engine, tokenizer, prompts = (
+        module.policy,
+        module.engine,
+        info["tokenizer"],
+        info["prompts"],
     )
     # The rollout's baseline: the plain per-prompt generate loop on the same prompts.
     chosen = [prompts[i][2] for i in range(args.batch_size)]

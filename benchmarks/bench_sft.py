@@ -133,13 +133,6 @@ def main():
     ours = run_ours(model, tokenizer, data, args.batch_size)
     print(f"cai SFTModule (Lightning)     {ours:8.1f} tokens/s")
     print(f"speed-up: {ours / trl_rate:.2f}x")
-    # Our module set a process-wide malloc option (cai.models.keep_freed_memory); for context,
-    # TRL again with that option in force.
-    model, tokenizer = load_model(spec, cache, dtype="float32")
-    trl_again = run_trl(model, tokenizer, data, args.batch_size)
-    print(
-        f"TRL SFTTrainer, same malloc   {trl_again:8.1f} tokens/s  (ours: {ours / trl_again:.2f}x)"
-    )
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ Files: samples.jsonl (every answer), judgements.jsonl (every pairwise judgement)
 
 from __future__ import annotations
 
-import gc
 import itertools
 import logging
 import math
@@ -204,6 +203,7 @@ def sample_answers(cfg: DictConfig, players: dict[str, DictConfig], prompts, wor
     """samples.jsonl records, one per (player, prompt, sample); resumable per player."""
     from cai.critique import engine_tokenizer, request_seed
     from cai.generation import Request, build_engine
+    from cai.memory import release_freed_memory
     from cai.prompting import answer_prompt
 
     node = cfg.eval
@@ -241,7 +241,7 @@ def sample_answers(cfg: DictConfig, players: dict[str, DictConfig], prompts, wor
             ],
         )
         del engine
-        gc.collect()
+        release_freed_memory()  # one model's weights and caches at a time
     return parts.read_all()
 
 

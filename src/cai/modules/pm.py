@@ -40,6 +40,7 @@ from cai.modules.training import (
     remaining_batches,
     row_slices,
     shard_batches,
+    training_dtype,
 )
 from cai.prompting import raw_conversation
 
@@ -231,7 +232,9 @@ class PreferenceModel:
         return next(self.model.parameters()).device
 
     @classmethod
-    def load(cls, folder: str | Path, dtype: str = "float32", device: str = "cpu"):
+    def load(cls, folder: str | Path, dtype: str = "auto", device: str = "cpu"):
+        """dtype: auto = bf16 where the hardware has it (the dtype the training stages train
+        in), else fp32."""
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from cai.models import resolve_dtype
@@ -381,7 +384,9 @@ def clean(comparisons: list[Comparison]) -> tuple[list[Comparison], dict]:
     return kept, {"skipped_bad_label": bad_label, "skipped_identical": identical}
 
 
-def init_preference_model(model_cfg: DictConfig, cache_dir: str, seed: int = 0):
+def init_preference_model(
+    model_cfg: DictConfig, cache_dir: str, seed: int = 0, dtype: str = "float32"
+):
     """A sequence-classification model (one output) whose backbone is the causal LM's; the
     score head drawn from its own generator seeded by `seed` (the stage's seed), never from
     torch's global random state, so the same key gives the same weights whatever ran before."""
@@ -405,7 +410,7 @@ def init_preference_model(model_cfg: DictConfig, cache_dir: str, seed: int = 0):
         )
         if getattr(pm.score, "bias", None) is not None:
             pm.score.bias.zero_()
-    return pm, tokenizer
+    return pm.to(getattr(torch, dtype)), tokenizer
 
 
 def train_preference_model(
@@ -416,7 +421,9 @@ def train_preference_model(
     comparisons, skipped = clean(comparisons)
     if not comparisons:
         raise ConfigError("No usable preference comparisons to train on: check the data.")
-    model, tokenizer = init_preference_model(init_cfg, cfg.paths.cache_dir, int(cfg.seed))
+    model, tokenizer = init_preference_model(
+        init_cfg, cfg.paths.cache_dir, int(cfg.seed), training_dtype(cfg.trainer)
+    )
     scorer = PreferenceModel(model, tokenizer, init_cfg.prompt_format, int(node.eval_batch_size))
     encoded = [
         EncodedPair(scorer.encode(c.a), scorer.encode(c.b), float(c.p_a)) for c in comparisons
@@ -434,7 +441,12 @@ def train_preference_model(
     model.eval()
     if is_follower():  # several processes: global rank 0 saves and evaluates
         return scorer, trained
-    model.save_pretrained(work_dir / "model", safe_serialization=True)
+    # fp32 master weights where it trained in bf16; the scorer goes on with the bf16 weights,
+    # as PreferenceModel.load gives them on bf16 hardware
+    model.save_pretrained(
+        work_dir / "model", safe_serialization=True, state_dict=module.final_state
+    )
+    module.final_state = None  # 4 bytes a weight: let it go before scoring
     tokenizer.save_pretrained(work_dir / "model")
     write_json_atomic(
         work_dir / "model" / "pm_settings.json", {"prompt_format": init_cfg.prompt_format}

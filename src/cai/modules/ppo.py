@@ -166,6 +166,7 @@ class PPOModule(pl.LightningModule):
         chosen = [self.prompts[i] for i in indices]
         rank, _ = rank_and_world(self._trainer)
         self.engine.update_weights(self.policy)  # the engine samples from the current policy
+        self.policy.eval()  # (activation checkpointing, if on, only in training mode)
         generations = self.engine.generate(
             [
                 Request(
@@ -179,6 +180,7 @@ class PPOModule(pl.LightningModule):
             ],
             desc="ppo rollout",
         )
+        self.policy.train()
         rows, starts, ended = [], [], []
         for (_, _, prompt_text), g in zip(chosen, generations, strict=True):
             prompt_ids = self.tokenizer(prompt_text, add_special_tokens=False).input_ids
@@ -476,6 +478,8 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
     if cfg.trainer.accelerator == "cpu":
         device = "cpu"
     pm = PreferenceModel.load(upstream["pm"].path / "model", dtype=dtype, device=device)
+    if ppo.activation_checkpointing:  # recompute each layer's activations in the backward pass
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if ppo.value_model == "head":
         value = ValueHead(policy.config.hidden_size)
     else:

@@ -30,6 +30,7 @@ from cai.modules.training import (
     remaining_batches,
     row_slices,
     shard_batches,
+    training_dtype,
 )
 
 log = logging.getLogger(__name__)
@@ -295,7 +296,10 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
 
     sft = cfg.sft
     init_cfg = model_cfg_for(cfg, str(sft.init), "sft.init", upstream)
-    model, tokenizer = load_model(init_cfg, cfg.paths.cache_dir, dtype="float32")
+    # bf16 weights with fp32 master weights where the trainer trains in bf16 (LoRA: fp32, its
+    # adapters are merged into the fp32 model at the end)
+    dtype = "float32" if sft.lora else training_dtype(cfg.trainer)
+    model, tokenizer = load_model(init_cfg, cfg.paths.cache_dir, dtype=dtype)
     examples, counts = sl_examples(
         upstream["generate_sl"],
         int(cfg.sl.num_revisions),
@@ -316,7 +320,10 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
     if is_follower():  # several processes: global rank 0 saves
         return trained
     final = module.model.merge_and_unload() if sft.lora else module.model
-    final.save_pretrained(work_dir / "model", safe_serialization=True)
+    # fp32 master weights where it trained in bf16
+    final.save_pretrained(
+        work_dir / "model", safe_serialization=True, state_dict=module.final_state
+    )
     tokenizer.save_pretrained(work_dir / "model")
     return {
         **counts,

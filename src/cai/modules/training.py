@@ -40,6 +40,8 @@ class TrainingModule(pl.LightningModule):
         super().__init__()
         self.model = model
         self.micro_batch_tokens = micro_batch_tokens  # padded tokens per forward pass (None: all)
+        self.final_state: dict | None = None  # fp32 master weights at the end (bf16 training):
+        # what the stage saves (save_pretrained(state_dict=...)); the model stays in bf16
         self.cpu_attention = cpu_attention  # attention kernel for training on a CPU
         self.clip_norm = clip_norm  # clipped here: Lightning refuses to clip with a fused optimizer
         self.lr, self.weight_decay, self.betas, self.warmup_steps = (
@@ -98,6 +100,11 @@ class TrainingModule(pl.LightningModule):
     def on_train_start(self):
         self.start_step = self.global_step  # > 0 when resumed from a checkpoint
 
+    def on_train_end(self):
+        # bf16 weights: keep the optimiser's fp32 master weights (the trainer lets them go)
+        if any(p.dtype != torch.float32 for p in self.model.parameters()):
+            self.final_state = full_precision_state_dict(self.model, self.optimizers())
+
     def on_train_batch_end(self, outputs, batch, batch_idx):
         trim_heap()  # each step starts from the same footprint (cai.memory.trim_heap)
 
@@ -110,10 +117,13 @@ class TrainingModule(pl.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
         settings = {"lr": self.lr, "weight_decay": self.weight_decay, "betas": self.betas}
-        try:  # the fused kernel: one pass over all parameters (about 4x faster on a CPU)
-            optimizer = torch.optim.AdamW(params, fused=True, **settings)
-        except (RuntimeError, TypeError):
-            optimizer = torch.optim.AdamW(params, **settings)
+        if any(p.dtype != torch.float32 for p in params):  # bf16 weights: fp32 master copies
+            optimizer = MasterWeightAdamW(params, **settings)
+        else:
+            try:  # the fused kernel: one pass over all parameters (about 4x faster on a CPU)
+                optimizer = torch.optim.AdamW(params, fused=True, **settings)
+            except (RuntimeError, TypeError):
+                optimizer = torch.optim.AdamW(params, **settings)
         warmup = max(1, self.warmup_steps)
         # Constant learning rate after a linear warm-up (paper: constant LR, section 3.1).
         schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -138,8 +148,9 @@ def row_slices(lengths: list[int], budget: int | None) -> list[slice]:
 
 
 def training_dtype(trainer_cfg: DictConfig) -> str:
-    """The weights' dtype for a stage that trains bf16 weights itself (PPO): bfloat16 when
-    `trainer.precision` is a bf16 one and the hardware has bf16, else float32."""
+    """The dtype the training stages load their weights in: bfloat16 when `trainer.precision`
+    is a bf16 one and the hardware has bf16 (forward and backward in bf16, fp32 master weights
+    in the optimiser: MasterWeightAdamW), else float32."""
     from cai.models import bf16_supported
 
     if "bf16" not in str(trainer_cfg.precision):
@@ -202,8 +213,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         with atomic_path(path) as tmp:
-            try:
-                super().save_checkpoint(checkpoint, tmp, storage_options)
+            try:  # straight to the file: Lightning's own writer serialises into memory first
+                # (a second copy of the weights and optimiser state at the peak)
+                torch.save(checkpoint, tmp)
             except RuntimeError as error:  # torch's own writer reports a full disk this way
                 if "No space left" not in str(error):
                     raise
@@ -264,6 +276,8 @@ def fit(
     if cfg.trainer.accelerator == "cpu" and "bf16" in str(precision) and not bf16_supported():
         log.warning("This CPU has no native bf16: training in fp32.")
         precision = "32-true"
+    if any(p.dtype == torch.bfloat16 for p in module.parameters()):
+        precision = "32-true"  # bf16 weights (training_dtype): bf16 already, no autocast
     pl.seed_everything(int(cfg.seed), workers=True)
     trainer = instantiate(
         cfg.trainer,
@@ -328,7 +342,10 @@ class MasterWeightAdamW(torch.optim.AdamW):
             p if p.dtype == torch.float32 else p.detach().float().requires_grad_(True)
             for p in self.model_params
         ]
-        super().__init__(masters, **settings)
+        try:  # the fused kernel: one pass over all parameters (about 4x faster on a CPU)
+            super().__init__(masters, fused=True, **settings)
+        except (RuntimeError, TypeError):
+            super().__init__(masters, **settings)
 
     def _masters(self) -> list[torch.Tensor]:
         return self.param_groups[0]["params"]
@@ -340,18 +357,22 @@ class MasterWeightAdamW(torch.optim.AdamW):
             with torch.enable_grad():
                 loss = closure()
         for param, master in zip(self.model_params, self._masters(), strict=True):
-            if master is not param:
-                master.grad = None if param.grad is None else param.grad.float()
+            if master is param:
+                continue
+            master.grad = None if param.grad is None else param.grad.float()
         super().step()
         for param, master in zip(self.model_params, self._masters(), strict=True):
             if master is not param:
                 param.copy_(master)
+                master.grad = None  # 4 bytes a weight, needed only for the update
         return loss
 
     def zero_grad(self, set_to_none: bool = True):
-        super().zero_grad(set_to_none)
-        for param in self.model_params:
-            param.grad = None
+        for param in self.model_params:  # the model's gradients; fp32 ones as AdamW would
+            if param.grad is not None and (set_to_none or param.dtype != torch.float32):
+                param.grad = None
+            elif param.grad is not None:
+                param.grad.zero_()
 
     def full_precision(self) -> dict[int, torch.Tensor]:
         """id(model parameter) -> its fp32 master weights."""
@@ -359,7 +380,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
 
     def state_dict(self):
         state = super().state_dict()
-        state["master_weights"] = [m.detach().clone() for m in self._masters()]
+        state["master_weights"] = [m.detach() for m in self._masters()]  # saved at once
         return state
 
     def load_state_dict(self, state_dict):
@@ -376,9 +397,11 @@ def full_precision_state_dict(model, optimizer) -> dict[str, torch.Tensor]:
     """`model.state_dict()` with the optimiser's fp32 master weights where it keeps them."""
     inner = getattr(optimizer, "optimizer", optimizer)  # Lightning wraps optimisers
     masters = inner.full_precision() if isinstance(inner, MasterWeightAdamW) else {}
-    by_storage = {p.data_ptr(): masters[id(p)] for p in model.parameters() if id(p) in masters}
+    by_storage = {
+        p.data_ptr(): masters[id(p)].detach() for p in model.parameters() if id(p) in masters
+    }
     # tied weights (embedding = LM head) share storage: both names get the same master tensor
     return {
-        name: by_storage.get(tensor.data_ptr(), tensor).detach()
+        name: by_storage.get(tensor.data_ptr(), tensor)
         for name, tensor in model.state_dict().items()
     }
