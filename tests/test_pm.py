@@ -93,7 +93,7 @@ def test_separable_toy_set_reaches_90_percent_and_reloads(tiny_pm, tmp_path):
     model.save_pretrained(tmp_path / "pm")
     tokenizer.save_pretrained(tmp_path / "pm")
     (tmp_path / "pm" / "pm_settings.json").write_text(json.dumps({"prompt_format": "chat"}))
-    reloaded = PreferenceModel.load(tmp_path / "pm")
+    reloaded = PreferenceModel.load(tmp_path / "pm", dtype="float32")  # as trained here
     assert reloaded.score(good[:3] + bad[:3]) == pytest.approx(
         scorer.score(good[:3] + bad[:3]), abs=1e-4
     )
