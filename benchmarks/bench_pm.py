@@ -21,10 +21,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import pytorch_lightning as pl  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 from trl_baseline import trl_args  # noqa: E402
 
-from cai.config import load_model_preset  # noqa: E402
+from cai.config import CONF_DIR, load_model_preset  # noqa: E402
 from cai.data import builtin_prompts  # noqa: E402
+from cai.memory import peak_gb, reset_peak  # noqa: E402
 from cai.modules.pm import (  # noqa: E402
     EncodedPair,
     PairDataModule,
@@ -33,6 +35,7 @@ from cai.modules.pm import (  # noqa: E402
     answer_turns,
     init_preference_model,
 )
+from cai.modules.training import training_dtype  # noqa: E402
 
 GOOD = "I can't help with that, because it could hurt someone. I'm glad to talk through safer options. "
 BAD = "Sure, here is how to do it quietly so that nobody notices what you are doing. "
@@ -55,15 +58,20 @@ class StepTimer(pl.Callback):
         self.times.append(time.perf_counter())
 
 
-def run_ours(model, tokenizer, data, batch_size) -> float:
+def run_ours(model, tokenizer, data, batch_size, micro_batch_tokens=None) -> float:
+    """Pairs/s of our module: bf16 weights with fp32 masters (the stage's default on bf16
+    CPUs), or fp32 weights under bf16 autocast."""
     scorer = PreferenceModel(model, tokenizer, "chat")
     pairs = [EncodedPair(scorer.encode(a), scorer.encode(b), 1.0) for a, b in data]
-    module = PMModule(model, 1e-5, 0.0, (0.9, 0.95), 1, clip_norm=1.0)
+    module = PMModule(
+        model, 1e-5, 0.0, (0.9, 0.95), 1, clip_norm=1.0, micro_batch_tokens=micro_batch_tokens
+    )
     timer = StepTimer()
     model.train()
+    reset_peak()
     trainer = pl.Trainer(
         accelerator="cpu",
-        precision="bf16-mixed",
+        precision="32-true" if model.dtype == torch.bfloat16 else "bf16-mixed",
         max_epochs=1,
         logger=False,
         enable_checkpointing=False,
@@ -116,15 +124,25 @@ def main():
     lengths = [len(PreferenceModel(model, tokenizer, "chat").encode(a)) for a, _ in data]
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, model {args.model}, batch "
-        f"{args.batch_size} pairs, {args.steps} timed steps, bf16 autocast, mean chosen length "
+        f"{args.batch_size} pairs, {args.steps} timed steps, mean chosen length "
         f"{sum(lengths) / len(lengths):.0f} tokens"
     )
+    reset_peak()
     trl_rate = run_trl(model, tokenizer, data, args.batch_size)
     print(f"TRL RewardTrainer             {trl_rate:8.2f} pairs/s")
-    model, tokenizer = init_preference_model(spec, cache)
-    ours = run_ours(model, tokenizer, data, args.batch_size)
-    print(f"cai PMModule (Lightning)      {ours:8.2f} pairs/s")
+    print(f"  peak memory {peak_gb():.2f} GB")
+    # as the pm stage runs by default (conf/pm, conf/trainer/cpu.yaml)
+    pm = OmegaConf.load(CONF_DIR / "pm" / "default.yaml")
+    dtype = training_dtype(OmegaConf.load(CONF_DIR / "trainer" / "cpu.yaml"))
+    model, tokenizer = init_preference_model(spec, cache, dtype=dtype)
+    ours = run_ours(model, tokenizer, data, args.batch_size, pm.micro_batch_tokens)
+    print(f"cai PMModule ({dtype}, masters) {ours:8.2f} pairs/s  peak memory {peak_gb():.2f} GB")
     print(f"speed-up: {ours / trl_rate:.2f}x")
+    # the module as it was before (fp32 weights under autocast, whole batches), for comparison
+    model, tokenizer = init_preference_model(spec, cache)
+    before = run_ours(model, tokenizer, data, args.batch_size)
+    print(f"cai PMModule (fp32 + autocast)  {before:6.2f} pairs/s  peak memory {peak_gb():.2f} GB")
+    print(f"default against fp32 + autocast: {ours / before:.2f}x")
 
 
 if __name__ == "__main__":

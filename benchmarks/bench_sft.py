@@ -21,12 +21,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import pytorch_lightning as pl  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 from trl_baseline import trl_args  # noqa: E402
 
-from cai.config import load_model_preset  # noqa: E402
+from cai.config import CONF_DIR, load_model_preset  # noqa: E402
 from cai.data import builtin_prompts  # noqa: E402
+from cai.memory import peak_gb, reset_peak  # noqa: E402
 from cai.models import load_model  # noqa: E402
 from cai.modules.sft import SFTDataModule, SFTModule, encode_example  # noqa: E402
+from cai.modules.training import training_dtype  # noqa: E402
 
 ANSWER = (
     "I can't help with that, because it could hurt someone or break the law. If you are dealing "
@@ -49,15 +52,24 @@ class StepTimer(pl.Callback):
         self.times.append((time.perf_counter(), int(batch["attention_mask"].sum())))
 
 
-def run_ours(model, tokenizer, data, batch_size):
+def run_ours(model, tokenizer, data, batch_size, micro_batch_tokens=None):
+    """Tokens/s of our module: bf16 weights with fp32 masters (the stage's default on bf16
+    CPUs), or fp32 weights under bf16 autocast."""
     examples = [encode_example(tokenizer, q, a, "chat", f"p{i}") for i, (q, a) in enumerate(data)]
     module = SFTModule(
-        model, lr=1e-5, weight_decay=0.0, betas=(0.9, 0.95), warmup_steps=1, clip_norm=1.0
+        model,
+        lr=1e-5,
+        weight_decay=0.0,
+        betas=(0.9, 0.95),
+        warmup_steps=1,
+        clip_norm=1.0,
+        micro_batch_tokens=micro_batch_tokens,
     )
     timer = StepTimer()
+    reset_peak()
     trainer = pl.Trainer(
         accelerator="cpu",
-        precision="bf16-mixed",
+        precision="32-true" if model.dtype == torch.bfloat16 else "bf16-mixed",
         max_epochs=1,
         logger=False,
         enable_checkpointing=False,
@@ -120,19 +132,32 @@ def main():
     spec = load_model_preset(args.model)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, model {args.model}, batch "
-        f"{args.batch_size}, {args.steps} timed steps, bf16 autocast"
+        f"{args.batch_size}, {args.steps} timed steps"
     )
     model, tokenizer = load_model(spec, cache, dtype="float32")
     mean_len = sum(
         len(encode_example(tokenizer, q, a, "chat", "x").input_ids) for q, a in data
     ) / len(data)
     print(f"mean chat length: {mean_len:.0f} tokens")
+    reset_peak()
     trl_rate = run_trl(model, tokenizer, data, args.batch_size)
     print(f"TRL SFTTrainer                {trl_rate:8.1f} tokens/s")
-    model, tokenizer = load_model(spec, cache, dtype="float32")
-    ours = run_ours(model, tokenizer, data, args.batch_size)
-    print(f"cai SFTModule (Lightning)     {ours:8.1f} tokens/s")
+    print(f"  peak memory {peak_gb():.2f} GB")
+    # as the sft stage runs by default (conf/sft, conf/trainer/cpu.yaml)
+    sft = OmegaConf.load(CONF_DIR / "sft" / "default.yaml")
+    model, tokenizer = load_model(
+        spec, cache, dtype=training_dtype(OmegaConf.load(CONF_DIR / "trainer" / "cpu.yaml"))
+    )
+    ours = run_ours(model, tokenizer, data, args.batch_size, sft.micro_batch_tokens)
+    print(
+        f"cai SFTModule ({str(model.dtype)[6:]}, masters) {ours:8.1f} tokens/s  peak memory {peak_gb():.2f} GB"
+    )
     print(f"speed-up: {ours / trl_rate:.2f}x")
+    # the module as it was before (fp32 weights under autocast, whole batches), for comparison
+    model, tokenizer = load_model(spec, cache, dtype="float32")
+    before = run_ours(model, tokenizer, data, args.batch_size)
+    print(f"cai SFTModule (fp32 + autocast) {before:6.1f} tokens/s  peak memory {peak_gb():.2f} GB")
+    print(f"default against fp32 + autocast: {ours / before:.2f}x")
 
 
 if __name__ == "__main__":
