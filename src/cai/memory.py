@@ -24,6 +24,11 @@ def _status_kb(field: str) -> int | None:
     return None
 
 
+def rss_gb() -> float:
+    """Resident memory now (GB), 0.0 where /proc is not there."""
+    return round((_status_kb("VmRSS") or 0) / 1e6, 2)
+
+
 def reset_peak() -> bool:
     """Start a new peak-resident-memory window (Linux: writing 5 to /proc/self/clear_refs resets
     VmHWM). False where it cannot: `peak_gb` then reports the process's peak so far."""

@@ -31,7 +31,7 @@ from cai.artifacts import (
     write_text_atomic,
 )
 from cai.errors import ArtifactError, ConfigError
-from cai.memory import peak_gb, process_peak_gb, release_freed_memory, reset_peak
+from cai.memory import peak_gb, process_peak_gb, release_freed_memory, reset_peak, rss_gb
 from cai.modules.training import is_follower
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ def run(cfg: DictConfig) -> dict[str, Artifact]:
     if follower:
         log.info("Follower process of a multi-device run: joining training, writing nothing.")
     for name in stages:
-        start = time.perf_counter()
+        start, start_memory = time.perf_counter(), rss_gb()
         reset_peak()  # each stage's own peak (Linux), beside the process's
         if follower:
             artifact, built = follow(cfg, name, store, artifacts), False
@@ -135,6 +135,7 @@ def run(cfg: DictConfig) -> dict[str, Artifact]:
                 "path": str(artifact.path),
                 "built": built,
                 "wall_s": round(time.perf_counter() - start, 3),
+                "start_memory_gb": start_memory,  # resident when the stage started
                 "peak_memory_gb": peak_gb(),  # this stage's peak resident memory
                 "process_peak_memory_gb": process_peak_gb(),  # the process's, so far
             }
