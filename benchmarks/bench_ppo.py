@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import statistics
 import sys
 import time
@@ -61,6 +62,8 @@ def run(args, spec, cache, dtype: str) -> tuple[PPOModule, dict]:
             "snapshot_sequences": [],
         },
     )
+    if ppo.activation_checkpointing:  # as the stage does (conf/ppo/default.yaml)
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     engine = HFEngine(policy, tokenizer, batch_size=args.batch_size, progress=False)
     module = PPOModule(
         policy,
@@ -117,12 +120,15 @@ def main():
         f"{ppo.epochs} epochs x minibatches of {ppo.minibatch_size}"
     )
     dtypes = ["float32"] + (["bfloat16"] if bf16_supported() else [])
-    results = {dtype: run(args, spec, cache, dtype) for dtype in dtypes}
-    if len(results) == 2:
-        print(
-            f"speed-up of bf16 over fp32: {results['float32'][1]['step'] / results['bfloat16'][1]['step']:.2f}x"
-        )
-    module, info = results[dtypes[-1]]
+    steps = {}
+    for dtype in dtypes:  # one at a time: the earlier run's models are let go first
+        module = info = None
+        gc.collect()
+        module, info = run(args, spec, cache, dtype)
+        steps[dtype] = info["step"]
+    if len(steps) == 2:
+        print(f"speed-up of bf16 over fp32: {steps['float32'] / steps['bfloat16']:.2f}x")
+
     policy, engine, tokenizer, prompts = (
         module.policy,
         module.engine,
