@@ -43,8 +43,8 @@ def run(args, spec, cache, dtype: str) -> tuple[PPOModule, dict]:
     reset_peak()
     policy, tokenizer = load_model(spec, cache, dtype=dtype)
     reference = copy.deepcopy(policy).eval()
-    pm_model, _ = init_preference_model(spec, cache)
-    pm = PreferenceModel(pm_model.to(getattr(torch, dtype)).eval(), tokenizer, spec.prompt_format)
+    pm_model, _ = init_preference_model(spec, cache, dtype=dtype)
+    pm = PreferenceModel(pm_model.eval(), tokenizer, spec.prompt_format)
 
     def reward(prompts, answers):
         return pm.score([answer_turns(p, a) for p, a in zip(prompts, answers, strict=True)])

@@ -410,7 +410,11 @@ def init_preference_model(
         )
         if getattr(pm.score, "bias", None) is not None:
             pm.score.bias.zero_()
-    return pm.to(getattr(torch, dtype)), tokenizer
+    # parameters only: buffers such as RoPE's inv_freq stay in fp32, as from_pretrained leaves
+    # them (a PM trained here and one loaded from its folder then score the same)
+    for param in pm.parameters():
+        param.data = param.data.to(getattr(torch, dtype))
+    return pm, tokenizer
 
 
 def train_preference_model(

@@ -216,10 +216,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             try:  # straight to the file: Lightning's own writer serialises into memory first
                 # (a second copy of the weights and optimiser state at the peak)
                 torch.save(checkpoint, tmp)
-            except RuntimeError as error:  # torch's own writer reports a full disk this way
-                if "No space left" not in str(error):
+            except RuntimeError as error:  # torch's writer reports a full disk as a stream error
+                if "No space left" not in str(error) and not _disk_full(Path(tmp).parent):
                     raise
                 raise OSError(errno.ENOSPC, "No space left on device", str(path)) from error
+
+
+def _disk_full(folder: Path) -> bool:
+    """Whether the file system of `folder` has (almost) no space left."""
+    try:
+        return shutil.disk_usage(folder).free < (1 << 20)
+    except OSError:
+        return False
 
 
 def atomic_checkpoints(trainer_cfg: DictConfig) -> list:
