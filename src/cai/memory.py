@@ -64,6 +64,18 @@ def trim_heap() -> None:
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
 
 
+_trimmed_at = 0.0  # resident GB after the last trim_heap_if_grown
+
+
+def trim_heap_if_grown(by_gb: float = 0.25) -> None:
+    """trim_heap, when resident memory has grown by `by_gb` since the last trim here (the
+    training stages call this after every step: a tiny model never pays for the trim)."""
+    global _trimmed_at
+    if rss_gb() - _trimmed_at >= by_gb:
+        trim_heap()
+        _trimmed_at = rss_gb()
+
+
 def release_freed_memory() -> None:
     """Collect unreachable Python objects (reference cycles holding tensors), then trim."""
     gc.collect()

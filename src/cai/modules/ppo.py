@@ -32,7 +32,7 @@ from cai.artifacts import Artifact, write_json_atomic
 from cai.critique import request_seed
 from cai.errors import CAIError, ConfigError
 from cai.generation.base import Request
-from cai.memory import trim_heap
+from cai.memory import trim_heap_if_grown
 from cai.modules.logprobs import token_logprobs
 from cai.modules.training import (
     MasterWeightAdamW,
@@ -314,7 +314,7 @@ class PPOModule(pl.LightningModule):
         self.log_dict(metrics, prog_bar=False, batch_size=size)
         self.history.append(metrics)
         self._maybe_snapshot()
-        trim_heap()  # each iteration starts from the same footprint (cai.memory.trim_heap)
+        trim_heap_if_grown()  # each iteration starts from about the same footprint
 
     def on_train_start(self):
         self.start_step = self.global_step

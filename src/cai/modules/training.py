@@ -17,7 +17,7 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig
 
 from cai.artifacts import atomic_path
-from cai.memory import trim_heap
+from cai.memory import trim_heap_if_grown
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class TrainingModule(pl.LightningModule):
             self.final_state = full_precision_state_dict(self.model, self.optimizers())
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
-        trim_heap()  # each step starts from the same footprint (cai.memory.trim_heap)
+        trim_heap_if_grown()  # each step starts from about the same footprint (cai.memory)
 
     def on_before_optimizer_step(self, optimizer):
         if self.clip_norm:
