@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import gc
 import resource
 from pathlib import Path
@@ -52,6 +53,15 @@ def process_peak_gb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)
 
 
+@functools.cache
+def _libc():
+    """The C library, looked up once (find_library runs ldconfig: not for every step)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 def trim_heap() -> None:
     """Give freed heap memory back to the system (glibc's malloc_trim; a no-op elsewhere).
 
@@ -60,8 +70,8 @@ def trim_heap() -> None:
     (SmolLM2 SFT on a CPU: from 2.6 GB to 4.5 GB over 16 steps, benchmarks/README.md). Trimming
     after each optimiser step costs ~0.15 s there and keeps every step starting from the same
     footprint."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    with contextlib.suppress(AttributeError):  # not glibc: no malloc_trim
+        _libc().malloc_trim(0)
 
 
 _trimmed_at = 0.0  # resident GB after the last trim_heap_if_grown

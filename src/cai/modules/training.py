@@ -120,10 +120,7 @@ class TrainingModule(pl.LightningModule):
         if any(p.dtype != torch.float32 for p in params):  # bf16 weights: fp32 master copies
             optimizer = MasterWeightAdamW(params, **settings)
         else:
-            try:  # the fused kernel: one pass over all parameters (about 4x faster on a CPU)
-                optimizer = torch.optim.AdamW(params, fused=True, **settings)
-            except (RuntimeError, TypeError):
-                optimizer = torch.optim.AdamW(params, **settings)
+            optimizer = fused_adamw(params, **settings)
         warmup = max(1, self.warmup_steps)
         # Constant learning rate after a linear warm-up (paper: constant LR, section 3.1).
         schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -337,6 +334,23 @@ def fit(
     return metrics
 
 
+def fused_available(params) -> bool | None:
+    """Whether AdamW's fused kernel (one pass over all parameters, about 4x faster on a CPU)
+    takes these parameters; None lets torch choose."""
+    try:
+        torch.optim.AdamW(
+            [torch.zeros(1, dtype=params[0].dtype, device=params[0].device)], fused=True
+        )
+    except (RuntimeError, TypeError, IndexError):
+        return None
+    return True
+
+
+def fused_adamw(params, **settings) -> torch.optim.AdamW:
+    """AdamW with the fused kernel where it is available."""
+    return torch.optim.AdamW(params, fused=fused_available(params), **settings)
+
+
 class MasterWeightAdamW(torch.optim.AdamW):
     """AdamW for a model held in bf16: the update runs on fp32 master copies of its weights
     (mixed-precision training as in Megatron-LM and DeepSpeed), which are then rounded into the
@@ -350,10 +364,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
             p if p.dtype == torch.float32 else p.detach().float().requires_grad_(True)
             for p in self.model_params
         ]
-        try:  # the fused kernel: one pass over all parameters (about 4x faster on a CPU)
-            super().__init__(masters, fused=True, **settings)
-        except (RuntimeError, TypeError):
-            super().__init__(masters, **settings)
+        super().__init__(masters, fused=fused_available(masters), **settings)
 
     def _masters(self) -> list[torch.Tensor]:
         return self.param_groups[0]["params"]
