@@ -271,7 +271,12 @@ class PreferenceModel:
         """One reward per dialogue. Sorted by length, batched up to `batch_size` dialogues and
         `max_batch_tokens` padded tokens (a few long dialogues never take a 16-row batch)."""
         encoded = [self.encode(d) for d in dialogues]
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        # each distinct token sequence once (the HHH pairs share their correct answers: 489 of
+        # 876 transcripts are distinct)
+        first: dict[tuple, int] = {}
+        same = [first.setdefault(tuple(ids), i) for i, ids in enumerate(encoded)]
+        distinct = sorted(set(same))
+        order = sorted(distinct, key=lambda i: len(encoded[i]))
         batches, batch = [], []
         for i in order:  # ascending lengths: the newest member is the widest
             if batch and (
@@ -295,7 +300,7 @@ class PreferenceModel:
                 values = rewards(self.model, ids.to(self.device), last.to(self.device)).cpu()
             for row, i in enumerate(batch):
                 out[i] = float(values[row])
-        return out
+        return [out[i] for i in same]
 
 
 # ---------------------------------------------------------------------------------------------

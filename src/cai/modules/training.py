@@ -358,16 +358,21 @@ class MasterWeightAdamW(torch.optim.AdamW):
     lost to bf16 rounding. fp32 parameters (e.g. a value head) are updated in place as usual.
     The master copies are part of `state_dict`, so a resumed run continues from them exactly."""
 
+    GROUP_ELEMENTS = 8_000_000  # weights per update group (the fp32 gradients of one group
+    # exist at a time: 32 MB, not 4 bytes a weight of the whole model at the step's peak)
+
     def __init__(self, params, **settings):
         self.model_params = [p for p in params if p.requires_grad]
         masters = [
             p if p.dtype == torch.float32 else p.detach().float().requires_grad_(True)
             for p in self.model_params
         ]
-        super().__init__(masters, fused=fused_available(masters), **settings)
+        super().__init__(
+            update_groups(masters, self.GROUP_ELEMENTS), fused=fused_available(masters), **settings
+        )
 
     def _masters(self) -> list[torch.Tensor]:
-        return self.param_groups[0]["params"]
+        return [p for group in self.param_groups for p in group["params"]]
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -375,15 +380,23 @@ class MasterWeightAdamW(torch.optim.AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for param, master in zip(self.model_params, self._masters(), strict=True):
-            if master is param:
-                continue
-            master.grad = None if param.grad is None else param.grad.float()
-        super().step()
-        for param, master in zip(self.model_params, self._masters(), strict=True):
-            if master is not param:
-                param.copy_(master)
-                master.grad = None  # 4 bytes a weight, needed only for the update
+        pairs = iter(zip(self.model_params, self._masters(), strict=True))
+        groups = self.param_groups
+        try:
+            for group in groups:  # one group at a time: its fp32 gradients, update, copy back
+                members = [next(pairs) for _ in group["params"]]
+                for param, master in members:
+                    if master is not param:
+                        master.grad = None if param.grad is None else param.grad.float()
+                        param.grad = None  # the bf16 gradient goes as its fp32 copy comes
+                self.param_groups = [group]
+                super().step()
+                for param, master in members:
+                    if master is not param:
+                        param.copy_(master)
+                        master.grad = None  # 4 bytes a weight, needed only for the update
+        finally:
+            self.param_groups = groups
         return loss
 
     def zero_grad(self, set_to_none: bool = True):
@@ -410,6 +423,19 @@ class MasterWeightAdamW(torch.optim.AdamW):
             with torch.no_grad():
                 for master, saved in zip(self._masters(), masters, strict=True):
                     master.copy_(saved)
+
+
+def update_groups(params: list[torch.Tensor], max_elements: int) -> list[dict]:
+    """Consecutive parameters in groups of at most `max_elements` weights (a larger tensor goes
+    alone), as optimiser parameter groups."""
+    groups, size = [], 0
+    for p in params:
+        if not groups or size + p.numel() > max_elements:
+            groups.append({"params": []})
+            size = 0
+        groups[-1]["params"].append(p)
+        size += p.numel()
+    return groups
 
 
 def full_precision_state_dict(model, optimizer) -> dict[str, torch.Tensor]:
