@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 
+from cai.memory import fork_available, in_child_process, rss_gb
 from cai.modules.logprobs import token_logprobs
 from cai.modules.training import MasterWeightAdamW, full_precision_state_dict, row_slices
 
@@ -135,6 +136,30 @@ def test_master_weights_follow_fp32_adamw_and_survive_a_checkpoint():
     assert torch.equal(fresh.full_precision()[id(fresh.model_params[0])], master)
 
 
+def test_master_weights_updated_a_group_at_a_time_match_one_adamw(monkeypatch):
+    """Groups of at most GROUP_ELEMENTS weights (one group's fp32 gradients alive at a time)
+    give exactly the update of one fp32 AdamW over all the weights."""
+    monkeypatch.setattr(MasterWeightAdamW, "GROUP_ELEMENTS", 600)
+    torch.manual_seed(1)
+    starts = [torch.randn(n) for n in (512, 64, 64, 700)]
+    low = [torch.nn.Parameter(s.to(torch.bfloat16)) for s in starts]
+    reference = [torch.nn.Parameter(s.to(torch.bfloat16).float()) for s in starts]
+    ours = MasterWeightAdamW(low, lr=1e-2, weight_decay=0.1)
+    plain = torch.optim.AdamW(reference, lr=1e-2, weight_decay=0.1)
+    assert [len(g["params"]) for g in ours.param_groups] == [2, 1, 1]  # 512+64 | 64 | 700
+    for _ in range(3):
+        for a, b in zip(low, reference, strict=True):
+            grad = torch.randn(a.shape)
+            a.grad, b.grad = grad.to(torch.bfloat16), grad.to(torch.bfloat16).float()
+        ours.step()
+        plain.step()
+        assert all(p.grad is None for p in low)  # the bf16 gradients went with the update
+    masters = ours.full_precision()
+    for a, b in zip(low, reference, strict=True):
+        assert torch.allclose(masters[id(a)], b.detach(), rtol=1e-6, atol=1e-7)
+    assert len(ours.param_groups) == 3  # restored after the group-by-group step
+
+
 def test_full_precision_state_dict_keeps_tied_weights_tied(tiny):
     model, _ = tiny
     low = copy.deepcopy(model).to(torch.bfloat16)
@@ -182,21 +207,9 @@ def test_peak_memory_window_and_summary_table(tmp_path):
     )
     table = summary_table(
         [
-            {
-                "stage": "sft",
-                "built": True,
-                "wall_s": 12.5,
-                "peak_memory_gb": 2.5,
-                "process_peak_memory_gb": 2.5,
-            },
-            {
-                "stage": "pm",
-                "built": False,
-                "wall_s": 0.0,
-                "peak_memory_gb": 0.4,
-                "process_peak_memory_gb": 2.5,
-            },
-        ],  # fmt: skip
+            {"stage": "sft", "built": True, "wall_s": 12.5, "peak_memory_gb": 2.5},
+            {"stage": "pm", "built": False, "wall_s": 0.0, "peak_memory_gb": 0.4},
+        ],
         cfg,
         str(tmp_path),
     )
@@ -205,3 +218,34 @@ def test_peak_memory_window_and_summary_table(tmp_path):
     assert lines[2].split() == ["pm", "reused", "0.0s", "0.40", "GB"]
     assert lines[3].split()[:3] == ["total", "12.5s", "2.50"]
     assert "figures:    F" in table
+
+
+@pytest.mark.skipif(not fork_available(), reason="stage processes need fork (Linux)")
+def test_a_stage_process_returns_its_result_and_peak_and_gives_its_memory_back():
+    def stage():  # no tensor work: this test process has started torch's threads (see
+        # cai.pipeline.run: only a process that has not forks its stages)
+        block = bytearray(b"\x01") * 400_000_000  # 0.4 GB touched in the child
+        return {"sum": sum(block[:10])}
+
+    before = rss_gb()
+    result, peak = in_child_process(stage)
+    assert result == {"sum": 10}
+    assert peak >= 0.4  # the child's own high-water mark includes the block
+    assert rss_gb() < before + 0.1  # nothing of it stays in this process
+
+
+@pytest.mark.skipif(not fork_available(), reason="stage processes need fork (Linux)")
+def test_a_stage_process_error_is_raised_here_and_a_killed_one_is_named():
+    import os
+    import signal
+
+    from cai.errors import ConfigError
+    from cai.memory import StageProcessError
+
+    def bad_settings():
+        raise ConfigError("sft.lr=-1: use a positive learning rate.")
+
+    with pytest.raises(ConfigError, match="positive learning rate"):
+        in_child_process(bad_settings)
+    with pytest.raises(StageProcessError, match="SIGKILL.*out-of-memory"):
+        in_child_process(lambda: os.kill(os.getpid(), signal.SIGKILL))

@@ -113,6 +113,22 @@ def test_scores_do_not_depend_on_batch_padding(tiny_pm):
     assert budget.score(dialogues) == pytest.approx(alone, abs=1e-4)
 
 
+def test_repeated_dialogues_are_scored_once_with_the_same_score(tiny_pm):
+    model, tokenizer = tiny_pm
+    scorer = PreferenceModel(model, tokenizer, "chat", batch_size=4)
+    a, b = answer_turns("Hi", "Hello!"), answer_turns("Why?", "Because " * 8)
+    rows = []  # rows the backbone is given
+    backbone = getattr(model, model.base_model_prefix)
+    handle = backbone.register_forward_pre_hook(
+        lambda m, args, kwargs: rows.append(len(kwargs["input_ids"])), with_kwargs=True
+    )
+    scores = scorer.score([a, b, a, "\n\nHuman: Hi\n\nAssistant: Hello!", b])
+    handle.remove()
+    assert sum(rows) == 2  # two distinct token sequences
+    alone = [scorer.score([a])[0], scorer.score([b])[0]]
+    assert scores == pytest.approx([alone[0], alone[1], alone[0], alone[0], alone[1]], abs=1e-5)
+
+
 def test_bad_labels_and_identical_pairs_are_skipped_and_counted():
     a, b = answer_turns("q", "yes"), answer_turns("q", "no")
     kept, counts = clean(

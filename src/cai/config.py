@@ -13,8 +13,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cai.errors import ConfigError
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CONF_DIR = REPO_ROOT / "conf"
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout, when run from one
+# The Hydra config tree: installed, it ships inside the package (pyproject.toml maps conf/ to
+# cai/conf); in a checkout (or an editable install) it is conf/ at the top of the repository.
+_PACKAGED_CONF = Path(__file__).resolve().parent / "conf"
+CONF_DIR = _PACKAGED_CONF if (_PACKAGED_CONF / "config.yaml").is_file() else REPO_ROOT / "conf"
 # conf/hydra/default.yaml names run folders with it (src/train.py registers it too)
 OmegaConf.register_new_resolver("cai_pid", os.getpid, replace=True, use_cache=True)
 
@@ -90,7 +93,8 @@ def compose(overrides: list[str] | None = None, config_name: str = "config") -> 
     from hydra import initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
 
-    os.environ.setdefault("CAI_ROOT", str(REPO_ROOT))
+    if CONF_DIR != _PACKAGED_CONF:  # a checkout: its outputs/ and results/
+        os.environ.setdefault("CAI_ROOT", str(REPO_ROOT))
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = hydra_compose(
             config_name=config_name, overrides=overrides or [], return_hydra_config=True

@@ -10,8 +10,18 @@ import ctypes
 import ctypes.util
 import functools
 import gc
+import logging
+import os
+import pickle
 import resource
+import signal
+import sys
+import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 def _status_kb(field: str) -> int | None:
@@ -32,7 +42,11 @@ def rss_gb() -> float:
 
 def reset_peak() -> bool:
     """Start a new peak-resident-memory window (Linux: writing 5 to /proc/self/clear_refs resets
-    VmHWM). False where it cannot: `peak_gb` then reports the process's peak so far."""
+    VmHWM). False where it cannot: `peak_gb` then reports the process's peak so far.
+
+    For benchmarks within one process only: the reset also resets what getrusage and
+    `/usr/bin/time -v` report for the process (the pipeline measures a stage in its own process
+    instead, `in_child_process`)."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
@@ -90,3 +104,73 @@ def release_freed_memory() -> None:
     """Collect unreachable Python objects (reference cycles holding tensors), then trim."""
     gc.collect()
     trim_heap()
+
+
+class StageProcessError(RuntimeError):
+    """A stage process ended without a result (killed, e.g. by the kernel's out-of-memory
+    killer), or raised an error that cannot be sent back as it is."""
+
+
+def fork_available() -> bool:
+    return hasattr(os, "fork") and sys.platform.startswith("linux")
+
+
+def in_child_process(fn: Callable[[], T]) -> tuple[T, float]:
+    """Run `fn()` in a forked copy of this process and return (its result, the child's peak
+    resident memory in GB). Whatever the call allocates (weights, optimiser state, allocator
+    fragmentation, library caches) goes back to the system when the child exits, so the next
+    call starts from this process's footprint, and the child's peak is that call's own
+    (/proc VmHWM; `/usr/bin/time -v` sees the largest child). An error raised by `fn` is raised
+    here; a child that dies without answering is an error naming the signal.
+
+    The caller must not have started torch's thread pools (fork copies one thread only): the
+    pipeline runs every stage in a child and no tensor work in the parent."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: run, answer through the pipe, leave without the parent's atexit
+        os.close(read_end)
+        status = 0
+        try:
+            try:
+                answer = ("ok", fn())
+            except BaseException as error:  # noqa: BLE001 - every error goes to the parent
+                status = 1
+                answer = ("error", error, traceback.format_exc())
+            peak = round((_status_kb("VmHWM") or 0) / 1e6, 2)
+            try:
+                data = pickle.dumps((*answer, peak))
+            except Exception:  # an unpicklable result or error: its text instead
+                text = answer[2] if answer[0] == "error" else "unpicklable result"
+                data = pickle.dumps(("error", StageProcessError(text), text, peak))
+            with os.fdopen(write_end, "wb") as out:
+                out.write(data)
+        finally:
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as answer_pipe:
+        data = answer_pipe.read()
+    _, wait_status = os.waitpid(pid, 0)
+    if not data:
+        code = os.waitstatus_to_exitcode(wait_status)
+        reason = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        raise StageProcessError(
+            f"The stage process {pid} ended without a result ({reason}; SIGKILL is often the "
+            "out-of-memory killer: see the stage's peak memory in earlier runs, lower its batch "
+            "or micro-batch settings, or set pipeline.isolate_stages=false to see the error)."
+        )
+    kind, *rest = pickle.loads(data)
+    if kind == "error":
+        error, text, _ = rest
+        if hasattr(error, "add_note"):  # Python >= 3.11: the child's traceback in the report
+            error.add_note("In the stage process:\n" + text)
+        raise error
+    result, peak = rest
+    return result, peak

@@ -31,7 +31,13 @@ from cai.artifacts import (
     write_text_atomic,
 )
 from cai.errors import ArtifactError, ConfigError
-from cai.memory import peak_gb, process_peak_gb, release_freed_memory, reset_peak, rss_gb
+from cai.memory import (
+    fork_available,
+    in_child_process,
+    process_peak_gb,
+    release_freed_memory,
+    rss_gb,
+)
 from cai.modules.training import is_follower
 
 log = logging.getLogger(__name__)
@@ -103,8 +109,13 @@ def get_stage(name: str) -> Stage:
     return STAGES[name]
 
 
-def run(cfg: DictConfig) -> dict[str, Artifact]:
-    """Run `cfg.pipeline.stages` in order; return the finished artifacts by stage name."""
+def run(cfg: DictConfig, stage_processes: bool = False) -> dict[str, Artifact]:
+    """Run `cfg.pipeline.stages` in order; return the finished artifacts by stage name.
+
+    stage_processes: run each stage in a forked process of its own where `isolated_stages`
+    allows. Only for a process that has not run tensor work itself (the command line): a fork
+    after torch has started its OpenMP threads can hang the child, so in-process callers
+    (notebooks, tests) keep the stages in their own process."""
     from cai.settings import check_settings
 
     check_settings(cfg)  # types and ranges of every numeric setting, before any work
@@ -120,13 +131,21 @@ def run(cfg: DictConfig) -> dict[str, Artifact]:
     follower = is_follower()
     if follower:
         log.info("Follower process of a multi-device run: joining training, writing nothing.")
+    isolate = stage_processes and isolated_stages(cfg)
     for name in stages:
         start, start_memory = time.perf_counter(), rss_gb()
-        reset_peak()  # each stage's own peak (Linux), beside the process's
         if follower:
             artifact, built = follow(cfg, name, store, artifacts), False
+            peak = process_peak_gb()
+        elif isolate:  # the stage in its own process: its memory all goes back when it ends
+            (artifact, built), peak = in_child_process(
+                lambda name=name: ensure_artifact(
+                    cfg, name, store, artifacts, force=forced(cfg, name)
+                )
+            )
         else:
             artifact, built = ensure_artifact(cfg, name, store, artifacts, force=forced(cfg, name))
+            peak = process_peak_gb()
         artifacts[name] = artifact
         summary.append(
             {
@@ -136,8 +155,9 @@ def run(cfg: DictConfig) -> dict[str, Artifact]:
                 "built": built,
                 "wall_s": round(time.perf_counter() - start, 3),
                 "start_memory_gb": start_memory,  # resident when the stage started
-                "peak_memory_gb": peak_gb(),  # this stage's peak resident memory
-                "process_peak_memory_gb": process_peak_gb(),  # the process's, so far
+                # the stage's own peak (its process's) when isolated, else the process's so far
+                "peak_memory_gb": peak,
+                "isolated": isolate and not follower,
             }
         )
         release_freed_memory()
@@ -155,6 +175,17 @@ def run(cfg: DictConfig) -> dict[str, Artifact]:
     return artifacts
 
 
+def isolated_stages(cfg: DictConfig) -> bool:
+    """Whether each stage runs in a forked process of its own (`pipeline.isolate_stages`): on
+    Linux, for a single-process run. Multi-device runs (several Lightning processes that meet
+    in every fit) keep the stages in the launched processes."""
+    if not cfg.pipeline.get("isolate_stages", True) or not fork_available():
+        return False
+    devices = cfg.trainer.get("devices", 1)
+    several = (isinstance(devices, int) and devices > 1) or str(devices) in ("-1", "auto")
+    return not several and int(cfg.trainer.get("num_nodes", 1) or 1) == 1 and not is_follower()
+
+
 def summary_table(summary: list[dict], cfg: DictConfig, output_dir: str | None) -> str:
     """What `make run` prints at the end: wall time and peak memory per stage, and where the
     results and figures are."""
@@ -166,8 +197,8 @@ def summary_table(summary: list[dict], cfg: DictConfig, output_dir: str | None) 
         )
     total = sum(e["wall_s"] for e in summary)
     lines.append(
-        f"{'total':<24}{total:>9.1f}s{max(e['process_peak_memory_gb'] for e in summary):>11.2f} GB"
-        " (process peak)"
+        f"{'total':<24}{total:>9.1f}s{max(e['peak_memory_gb'] for e in summary):>11.2f} GB"
+        " (the largest stage's)"
     )
     if output_dir is not None:
         lines.append(f"run folder: {output_dir} (pipeline_summary.json, results.csv, train.log)")
@@ -532,8 +563,9 @@ def _register_stages() -> None:
     )
 
 
-def run_from_config(cfg: DictConfig) -> dict[str, Artifact]:
-    """What `src/train.py` calls: resolve model presets, log the plan, run the stages."""
+def run_from_config(cfg: DictConfig, stage_processes: bool = False) -> dict[str, Artifact]:
+    """What the command line calls (cai.cli.train, with stage_processes=True): resolve model
+    presets, log the plan, run the stages."""
     from cai.config import resolve_model
 
     cfg = resolve_model(cfg)
@@ -544,7 +576,7 @@ def run_from_config(cfg: DictConfig) -> dict[str, Artifact]:
         write_text_atomic(Path(output_dir) / "config_resolved.yaml", OmegaConf.to_yaml(cfg))
     if not stages:
         log.warning("pipeline.stages is empty: nothing to run.")
-    return run(cfg)
+    return run(cfg, stage_processes)
 
 
 _register_stages()
