@@ -132,6 +132,8 @@ def run(cfg: DictConfig, stage_processes: bool = False) -> dict[str, Artifact]:
     if follower:
         log.info("Follower process of a multi-device run: joining training, writing nothing.")
     isolate = stage_processes and isolated_stages(cfg)
+    if isolate:
+        preload_stage_modules()
     for name in stages:
         start, start_memory = time.perf_counter(), rss_gb()
         if follower:
@@ -173,6 +175,26 @@ def run(cfg: DictConfig, stage_processes: bool = False) -> dict[str, Artifact]:
     if summary and not follower:
         print(summary_table(summary, cfg, output_dir), flush=True)
     return artifacts
+
+
+def preload_stage_modules() -> None:
+    """Import what the stages import inside their functions once, here, so each forked stage
+    process inherits it instead of importing it again (imports start no torch threads)."""
+    import importlib
+
+    for module in (
+        "pytorch_lightning",
+        "transformers.models.llama.modeling_llama",
+        "cai.critique",
+        "cai.feedback",
+        "cai.generation.hf",
+        "cai.modules.sft",
+        "cai.modules.pm",
+        "cai.modules.ppo",
+        "cai.eval.judges",
+        "cai.eval.compare",
+    ):
+        importlib.import_module(module)
 
 
 def isolated_stages(cfg: DictConfig) -> bool:

@@ -47,6 +47,8 @@ def check_settings(cfg: DictConfig) -> None:
         value = node.get(dimension)
         if value and str(value) not in allowed:
             raise ConfigError(f"judge.{dimension}={value!r}: use {', '.join(allowed)} or null.")
+    if str(node.get("weights", "auto")) not in ("auto", "float32"):
+        raise ConfigError(f"judge.weights={node.weights!r}: use auto or float32.")
     if str(node.init) in ("policy", "sft"):
         log.warning(
             "judge.init=%s: the judge then changes with the model judged, so runs of different "

@@ -430,9 +430,11 @@ def train_preference_model(
     comparisons, skipped = clean(comparisons)
     if not comparisons:
         raise ConfigError("No usable preference comparisons to train on: check the data.")
-    model, tokenizer = init_preference_model(
-        init_cfg, cfg.paths.cache_dir, int(cfg.seed), training_dtype(cfg.trainer)
-    )
+    # weights: "auto" = the trainer's (bf16 with fp32 masters where the hardware has bf16), or
+    # "float32" (fp32 weights, bf16 autocast under a bf16-mixed trainer)
+    weights = str(node.get("weights", "auto"))
+    dtype = training_dtype(cfg.trainer) if weights == "auto" else weights
+    model, tokenizer = init_preference_model(init_cfg, cfg.paths.cache_dir, int(cfg.seed), dtype)
     scorer = PreferenceModel(model, tokenizer, init_cfg.prompt_format, int(node.eval_batch_size))
     encoded = [
         EncodedPair(scorer.encode(c.a), scorer.encode(c.b), float(c.p_a)) for c in comparisons
