@@ -2,6 +2,7 @@
 virtual environment, then `cai-train experiment=smoke` from another folder (conf/ ships inside
 the package). Slow (a wheel build and a smoke run: about two minutes); .ci/run runs it."""
 
+import os
 import subprocess
 import sys
 import sysconfig
@@ -38,6 +39,8 @@ def test_installed_package_runs_the_smoke_experiment_outside_the_checkout(tmp_pa
     # the dependencies (torch, transformers, ...) from this environment, read-only, after the
     # new environment's own packages; its editable install of the project is not processed
     (Path(site) / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # the build backend from there too (a venv's bundled setuptools may be too old to build)
+    subprocess.run([python, "-m", "pip", "uninstall", "-q", "-y", "setuptools"], check=False)
     subprocess.run(
         [python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", str(REPO)],
         check=True, cwd=tmp_path,
@@ -49,10 +52,11 @@ def test_installed_package_runs_the_smoke_experiment_outside_the_checkout(tmp_pa
     assert all(Path(w).is_relative_to(venv) for w in where), where  # not the checkout's
     work = tmp_path / "work"
     work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "CAI_ROOT"}  # as a user's shell: no checkout
     run = subprocess.run(
         [venv / "bin" / "cai-train", "experiment=smoke", f"paths.data_dir={data_dir}",
          f"paths.cache_dir={tmp_path / 'cache'}"],
-        cwd=work, capture_output=True, text=True, timeout=900,
+        cwd=work, env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     for stage in ("generate_sl", "sft", "pm", "ppo", "eval"):
@@ -61,6 +65,7 @@ def test_installed_package_runs_the_smoke_experiment_outside_the_checkout(tmp_pa
     assert (work / "paper_figures").is_dir()
     assert list((work / "outputs" / "runs").glob("*/*/train.log"))
     figures = subprocess.run(
-        [venv / "bin" / "cai-figures"], cwd=work, capture_output=True, text=True, timeout=300
-    )
+        [venv / "bin" / "cai-figures"], cwd=work, env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
     assert figures.returncode == 0, figures.stderr[-3000:]

@@ -61,6 +61,7 @@ def multirun_folders(tmp_path: Path) -> list[Path]:
     return sorted((tmp_path / "outputs" / "multirun").glob("*/*"))
 
 
+@pytest.mark.slow  # about 2 minutes on 2 cores; .ci/run runs it
 def test_the_three_sweeps_share_upstream_and_feed_one_table_of_figures(tmp_path: Path):
     """The user's commands: -m model=size_sweep, -m sl.num_revisions=0,1,2,3,4 and
     -m feedback.cot=false,true (the last with the joblib launcher: two jobs at once that need
