@@ -140,7 +140,7 @@ def in_child_process(fn: Callable[[], T]) -> tuple[T, float]:
             except BaseException as error:  # noqa: BLE001 - every error goes to the parent
                 status = 1
                 answer = ("error", error, traceback.format_exc())
-            peak = round((_status_kb("VmHWM") or 0) / 1e6, 2)
+            peak = peak_gb()  # this child's own high-water mark
             try:
                 data = pickle.dumps((*answer, peak))
             except Exception:  # an unpicklable result or error: its text instead

@@ -159,7 +159,7 @@ def run(cfg: DictConfig, stage_processes: bool = False) -> dict[str, Artifact]:
                 "start_memory_gb": start_memory,  # resident when the stage started
                 # the stage's own peak (its process's) when isolated, else the process's so far
                 "peak_memory_gb": peak,
-                "isolated": isolate and not follower,
+                "isolated": isolate,  # (never a follower: isolated_stages)
             }
         )
         release_freed_memory()
