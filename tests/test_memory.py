@@ -259,3 +259,39 @@ def test_judge_weights_setting_is_checked_before_any_work():
     check_settings(compose(["judge.weights=float32"]))
     with pytest.raises(ConfigError, match="judge.weights='half': use auto or float32"):
         check_settings(compose(["judge.weights=half"]))
+
+
+def test_batches_are_padded_to_widths_from_a_small_set_without_changing_the_maths(tiny):
+    """oneDNN keeps a kernel per matrix shape (memory grew ~30 MB a training step when every
+    batch had its own width): batches are right-padded to multiples of 32 tokens, which changes
+    no loss or reward (causal mask, right padding)."""
+    from cai.memory import padded_width
+    from cai.modules.pm import EncodedPair, collate_pairs, init_preference_model, rewards
+    from cai.modules.sft import collate, encode_example, response_nll, sft_micro_batches
+
+    assert [padded_width(n) for n in (1, 31, 32, 33, 64, 65)] == [32, 32, 32, 64, 64, 96]
+    model, tokenizer = tiny
+    examples = [
+        encode_example(tokenizer, f"Question {i}?", "Sure. " * (1 + 5 * i), "chat", f"p{i}")
+        for i in range(3)
+    ]
+    batch = collate(examples, tokenizer.pad_token_id)
+    longest = max(len(e.input_ids) for e in examples)
+    assert batch["input_ids"].shape[1] == padded_width(longest) > longest
+    for part in sft_micro_batches(batch, 64):
+        assert part["input_ids"].shape[1] % 32 == 0
+    trimmed = {k: v[:, :longest] for k, v in batch.items()}
+    with torch.no_grad():
+        assert torch.allclose(response_nll(model, batch), response_nll(model, trimmed), atol=1e-5)
+
+    from cai.config import compose
+
+    cfg = compose(["model=tiny"])
+    pm, tokenizer = init_preference_model(cfg.model, cfg.paths.cache_dir, seed=0)
+    pairs = [EncodedPair(list(range(5, 40)), list(range(20, 30)), 0.7)]
+    batch = collate_pairs(pairs, tokenizer.pad_token_id)
+    assert batch["input_ids"].shape[1] == 64
+    with torch.no_grad():
+        padded = rewards(pm, batch["input_ids"], batch["last"])
+        plain = rewards(pm, batch["input_ids"][:, :35], batch["last"])
+    assert torch.allclose(padded, plain, atol=1e-5)

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from cai.artifacts import Artifact, read_jsonl, write_json_atomic
 from cai.constitution import parse_turns
 from cai.errors import ConfigError
+from cai.memory import padded_width
 from cai.modules.sft import bucketed_batches
 from cai.modules.training import (
     TrainingModule,
@@ -120,9 +121,10 @@ class EncodedPair:
 
 
 def collate_pairs(pairs: list[EncodedPair], pad_id: int) -> dict[str, torch.Tensor]:
-    """Rows [A_1..A_n, B_1..B_n], right-padded; `last` indexes each row's final real token."""
+    """Rows [A_1..A_n, B_1..B_n], right-padded to a width from a small set
+    (cai.memory.padded_width); `last` indexes each row's final real token."""
     rows = [p.a for p in pairs] + [p.b for p in pairs]
-    width = max(len(r) for r in rows)
+    width = padded_width(max(len(r) for r in rows))
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     for i, r in enumerate(rows):
         input_ids[i, : len(r)] = torch.tensor(r)
@@ -165,13 +167,15 @@ class PairDataModule(pl.LightningDataModule):
 
 def pair_micro_batches(batch: dict[str, torch.Tensor], budget: int | None) -> list[dict]:
     """The batch's comparisons in micro-batches of at most `budget` padded tokens (rows A and B
-    of each comparison together), each trimmed to its own longest row."""
+    of each comparison together), each trimmed to its own longest row rounded up by
+    cai.memory.padded_width."""
     n = len(batch["p_a"])
     lengths = (torch.maximum(batch["last"][:n], batch["last"][n:]) + 1).tolist()
+    lengths = [padded_width(x) for x in lengths]
     parts = []
     for pairs in row_slices([2 * x for x in lengths], budget):
         rows = torch.cat([torch.arange(n)[pairs], torch.arange(n)[pairs] + n])
-        width = max(lengths[pairs])
+        width = min(max(lengths[pairs]), batch["input_ids"].shape[1])
         parts.append(
             {
                 "input_ids": batch["input_ids"][rows, :width],
@@ -291,7 +295,7 @@ class PreferenceModel:
         out = [0.0] * len(encoded)
         pad = self.tokenizer.pad_token_id
         for batch in tqdm(batches, disable=not progress, desc="pm scores"):
-            width = max(len(encoded[i]) for i in batch)
+            width = padded_width(max(len(encoded[i]) for i in batch))
             ids = torch.full((len(batch), width), pad, dtype=torch.long)
             for row, i in enumerate(batch):
                 ids[row, : len(encoded[i])] = torch.tensor(encoded[i])

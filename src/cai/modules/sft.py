@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from cai.artifacts import Artifact, read_jsonl
 from cai.errors import ConfigError
+from cai.memory import padded_width
 from cai.modules.logprobs import token_logprobs
 from cai.modules.training import (
     TrainingModule,
@@ -174,7 +175,8 @@ def bucketed_batches(
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(e.input_ids) for e in examples)
+    """Right-padded to a width from a small set (cai.memory.padded_width)."""
+    width = padded_width(max(len(e.input_ids) for e in examples))
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -245,11 +247,11 @@ def response_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def sft_micro_batches(batch: dict[str, torch.Tensor], budget: int | None) -> list[dict]:
     """The batch's rows in micro-batches of at most `budget` padded tokens, each trimmed to its
-    own longest row (right padding)."""
-    lengths = batch["attention_mask"].sum(1).tolist()
+    own longest row rounded up by cai.memory.padded_width (right padding)."""
+    lengths = [padded_width(n) for n in batch["attention_mask"].sum(1).tolist()]
     parts = []
     for rows in row_slices(lengths, budget):
-        width = max(lengths[rows])
+        width = min(max(lengths[rows]), batch["input_ids"].shape[1])
         parts.append({k: v[rows, :width] for k, v in batch.items()})
     return parts
 
