@@ -295,3 +295,42 @@ def test_batches_are_padded_to_widths_from_a_small_set_without_changing_the_math
         padded = rewards(pm, batch["input_ids"], batch["last"])
         plain = rewards(pm, batch["input_ids"][:, :35], batch["last"])
     assert torch.allclose(padded, plain, atol=1e-5)
+
+
+def test_a_judge_trains_only_its_top_layers_and_head():
+    """judge.train_layers: embeddings and lower layers frozen (no gradient, no optimiser
+    state, unchanged by a step); the top layers, final norm and score head move."""
+    from cai.config import compose
+    from cai.errors import ConfigError
+    from cai.eval.judges import check_settings
+    from cai.modules.pm import (
+        EncodedPair,
+        PMModule,
+        collate_pairs,
+        init_preference_model,
+        train_top_layers,
+    )
+
+    cfg = compose(["model=tiny"])
+    pm, tokenizer = init_preference_model(cfg.model, cfg.paths.cache_dir, seed=0)
+    layers = pm.model.layers
+    assert len(layers) >= 2
+    trainable = train_top_layers(pm, 1)
+    names = {n for n, p in pm.named_parameters() if p.requires_grad}
+    top = f"model.layers.{len(layers) - 1}."
+    assert names and all(n.startswith((top, "model.norm", "score")) for n in names), names
+    assert any(n.startswith("score") for n in names) and any(n.startswith(top) for n in names)
+    assert trainable == sum(p.numel() for n, p in pm.named_parameters() if n in names)
+    before = {n: p.detach().clone() for n, p in pm.named_parameters()}
+    module = PMModule(pm, 1e-2, 0.0, (0.9, 0.95), 1)
+    optimizer = module.configure_optimizers()["optimizer"]
+    batch = collate_pairs([EncodedPair(list(range(5, 20)), list(range(30, 40)), 0.9)], 0)
+    module.training_step(batch, 0).backward()
+    optimizer.step()
+    for name, param in pm.named_parameters():
+        moved = not torch.equal(param.detach(), before[name])
+        assert moved == (name in names) or (name in names and param.grad is None), name
+    assert train_top_layers(pm, 99) == sum(p.numel() for p in pm.parameters())  # all of them
+    with pytest.raises(ConfigError, match="judge.train_layers=0"):
+        check_settings(compose(["judge.train_layers=0"]))
+    check_settings(compose(["judge.train_layers=null"]))

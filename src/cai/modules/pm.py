@@ -426,6 +426,26 @@ def init_preference_model(
     return pm, tokenizer
 
 
+def train_top_layers(model, count: int | None) -> int:
+    """Freeze the embeddings and every transformer layer but the last `count` (the final norm
+    and the score head stay trainable); None, or a backbone of at most `count` layers, trains
+    everything. Frozen layers need no gradients, master weights or optimiser state, and no
+    backward pass runs through them. Returns the number of trainable weights."""
+    backbone = getattr(model, model.base_model_prefix)
+    layers = next(m for m in backbone.children() if isinstance(m, torch.nn.ModuleList))
+    if count is not None and int(count) < 1:
+        raise ConfigError(f"train_layers={count}: a number of layers (>= 1) or null.")
+    frozen = set()
+    if count is not None and int(count) < len(layers):
+        frozen = {id(p) for p in backbone.get_input_embeddings().parameters()}
+        frozen |= {
+            id(p) for layer in layers[: len(layers) - int(count)] for p in layer.parameters()
+        }
+    for param in model.parameters():
+        param.requires_grad_(id(param) not in frozen)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def train_preference_model(
     cfg: DictConfig, node: DictConfig, comparisons: list[Comparison], init_cfg, work_dir: Path
 ) -> tuple[PreferenceModel, dict]:
@@ -439,6 +459,7 @@ def train_preference_model(
     weights = str(node.get("weights", "auto"))
     dtype = training_dtype(cfg.trainer) if weights == "auto" else weights
     model, tokenizer = init_preference_model(init_cfg, cfg.paths.cache_dir, int(cfg.seed), dtype)
+    trainable = train_top_layers(model, node.get("train_layers"))
     scorer = PreferenceModel(model, tokenizer, init_cfg.prompt_format, int(node.eval_batch_size))
     encoded = [
         EncodedPair(scorer.encode(c.a), scorer.encode(c.b), float(c.p_a)) for c in comparisons
@@ -466,7 +487,13 @@ def train_preference_model(
     write_json_atomic(
         work_dir / "model" / "pm_settings.json", {"prompt_format": init_cfg.prompt_format}
     )
-    return scorer, {**skipped, "skipped_too_long": too_long, "train_pairs": len(pairs), **trained}
+    return scorer, {
+        **skipped,
+        "skipped_too_long": too_long,
+        "train_pairs": len(pairs),
+        "trainable_parameters": trainable,
+        **trained,
+    }
 
 
 def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) -> dict:
