@@ -1,6 +1,7 @@
 """The preference model: the soft-label loss by hand, learning a separable set, save/reload,
 bad labels, the hh-rlhf splits, and the pm stage on the tiny model."""
 
+import contextlib
 import math
 
 import pytest
@@ -245,3 +246,38 @@ def test_pm_with_nothing_to_train_on_is_an_error(make_cfg, data_dir):
     from pathlib import Path
 
     assert not list((Path(cfg.paths.artifact_dir) / "pm").glob("*/manifest.json"))
+
+
+def test_packed_answers_score_as_separate_forward_passes(tiny_pm):
+    """Dialogues that differ only in their last turn share one packed row (their context
+    encoded once); every score equals a plain forward pass over that dialogue alone."""
+    from cai.modules.pm import rewards, shared_context_rows, transcript_turns
+
+    model, tokenizer = tiny_pm
+    scorer = PreferenceModel(
+        model, tokenizer, "chat", batch_size=3, max_row_tokens=96, max_row_dialogues=3
+    )
+    scorer._autocast = contextlib.nullcontext  # fp32 throughout: equal up to summation order
+    history = "\n\nHuman: Hello there\n\nAssistant: Hi! How can I help?\n\nHuman: Tell me a fact"
+    dialogues = [
+        answer_turns("What is 2 + 2?", "4."),
+        answer_turns("What is 2 + 2?", "It is four, of course " * 3),
+        answer_turns("What is 2 + 2?", "Five."),
+        history + "\n\nAssistant: Water boils at 100 C at sea level.",
+        history + "\n\nAssistant: I'd rather not.",
+        answer_turns("A lone question?", "A lone answer."),
+        *[answer_turns("Many answers?", f"Answer number {i} " * (1 + i % 3)) for i in range(9)],
+    ]
+    scores = scorer.score(dialogues)
+
+    def alone(dialogue) -> float:
+        ids = scorer.encode(transcript_turns(dialogue) if isinstance(dialogue, str) else dialogue)
+        with torch.no_grad():
+            return float(rewards(model, torch.tensor([ids]), torch.tensor([len(ids) - 1]))[0])
+
+    assert scores == pytest.approx([alone(d) for d in dialogues], abs=1e-4)
+    # packing: a shared context once, continuations within the row budget, the last token kept
+    rows = shared_context_rows([[1, 2, 3, 4], [1, 2, 3, 5, 6], [1, 2, 3]], [7, 8, 9], 7, 3)
+    assert rows == [([1, 2], [[3, 4], [3, 5, 6]], [7, 8]), ([1, 2], [[3]], [9])]
+    rows = shared_context_rows([[1, 2, 3, 4], [1, 2, 3, 5, 6], [1, 2, 3]], [7, 8, 9], 99, 2)
+    assert [r[2] for r in rows] == [[7, 8], [9]]

@@ -32,7 +32,7 @@ from cai.generation.base import (
     Request,
     ScoreRequest,
 )
-from cai.generation.shared_prefix import ATTENTION_NAME, PrefixCache, SuffixCache
+from cai.generation.shared_prefix import ATTENTION_NAME, PackedRows, PrefixCache, SuffixCache
 
 log = logging.getLogger(__name__)
 
@@ -200,41 +200,22 @@ class HFEngine(GenerationEngine):
         self, rows: list[tuple[list[int], list[list[int]]]], prefix: PrefixCache | None
     ) -> list[OptionScores]:
         device = self.device
-        batch = len(rows)
-        lengths = [len(c) + sum(len(o) for o in opts) for c, opts in rows]
-        width = max(lengths)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.full((batch, width), pad, dtype=torch.long)
-        segment = torch.full((batch, width), -1, dtype=torch.long)  # -1 pad, 0 context, k option
-        positions = torch.zeros((batch, width), dtype=torch.long)
         prefix_len = prefix.length if prefix is not None else 0
+        packed = PackedRows.build(rows, self.tokenizer.pad_token_id, start=prefix_len)
         wanted_pos, wanted_tok = [], []  # (row, position) predicting each option token
         spans = []  # per row, per option: slice of the wanted list
-        for row, (context, options) in enumerate(rows):
-            at = width - lengths[row]  # left padding
-            n_ctx = len(context)
-            input_ids[row, at : at + n_ctx] = torch.tensor(context)
-            segment[row, at : at + n_ctx] = 0
-            positions[row, at : at + n_ctx] = torch.arange(n_ctx) + prefix_len
-            cursor, row_spans = at + n_ctx, []
-            for k, option in enumerate(options, start=1):
-                n = len(option)
-                input_ids[row, cursor : cursor + n] = torch.tensor(option)
-                segment[row, cursor : cursor + n] = k
-                positions[row, cursor : cursor + n] = torch.arange(n) + prefix_len + n_ctx
+        for row, (_, options) in enumerate(rows):
+            row_spans = []
+            for option, (first, end) in zip(options, packed.spans[row], strict=True):
                 # option token j is predicted at the context's last position (j = 0), else at
                 # the option's own token j - 1
-                predictors = [at + n_ctx - 1] + list(range(cursor, cursor + n - 1))
-                row_spans.append((len(wanted_pos), len(wanted_pos) + n))
+                predictors = [packed.contexts_end[row] - 1, *range(first, end - 1)]
+                row_spans.append((len(wanted_pos), len(wanted_pos) + len(option)))
                 wanted_pos += [(row, p) for p in predictors]
                 wanted_tok += option
-                cursor += n
             spans.append(row_spans)
-        key_mask = segment >= 0
-        same = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])
-        causal = torch.ones(width, width, dtype=torch.bool).tril()
-        eye = torch.eye(width, dtype=torch.bool)
-        visible = (same & causal & key_mask[:, None, :]) | eye
+        input_ids, positions = packed.input_ids, packed.positions
+        key_mask, visible = packed.key_mask, packed.visible
         previous_attention = self.model.config._attn_implementation
         self.model.set_attn_implementation(ATTENTION_NAME)
         try:
@@ -256,7 +237,7 @@ class HFEngine(GenerationEngine):
             .gather(1, torch.tensor(wanted_tok, device=device)[:, None])[:, 0]
             .cpu()
         )
-        self.stats["prefill_tokens"] += sum(lengths)
+        self.stats["prefill_tokens"] += int(key_mask.sum())
         return [
             OptionScores(
                 logprobs=tuple(float(token_logprobs[a:b].sum()) for a, b in row_spans),

@@ -70,6 +70,9 @@ def shared_prefix_attention(
     every row's queries as one long sequence against the single prefix copy (no per-row copy);
     the suffix part is masked attention per row; the two are merged with their log-sum-exps.
     """
+    if torch.is_autocast_enabled(query.device.type):  # one dtype, as sdpa takes under autocast
+        dtype = torch.get_autocast_dtype(query.device.type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     batch, q_heads, q_len, dim = query.shape
     kv_heads, suffix_len = key.shape[1], key.shape[2]
     groups = q_heads // kv_heads
@@ -130,6 +133,61 @@ def _flash(query, key, value, mask, scale):
         scores = scores.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     return torch.matmul(torch.softmax(scores, dim=-1).to(value.dtype), value), lse
+
+
+@dataclass
+class PackedRows:
+    """Rows of [context | option 1 | option 2 | ...], left-padded, for one forward pass in which
+    each option attends to its row's context and to itself only (positions restart after the
+    context for every option): a context shared by several continuations is encoded once.
+
+    input_ids, positions: [B, W] long; key_mask: [B, W] bool (False on padding); visible:
+    [B, W, W] bool (query, key), the `cai_visible` of shared_prefix_attention; spans: per row,
+    per option, its (first, end) columns."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    key_mask: torch.Tensor
+    visible: torch.Tensor
+    spans: list[list[tuple[int, int]]]
+    contexts_end: list[int]  # per row: the column after its context (its last context token + 1)
+
+    @classmethod
+    def build(
+        cls, rows: list[tuple[list[int], list[list[int]]]], pad_id: int, start: int = 0,
+        width: int | None = None,
+    ) -> PackedRows:  # fmt: skip
+        """rows: (context ids, [option ids, ...]); start: the position of the first context
+        token (the length of a shared prefix before it); width: at least the longest row."""
+        lengths = [len(c) + sum(len(o) for o in opts) for c, opts in rows]
+        width = max([*lengths, width or 0])
+        batch = len(rows)
+        input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
+        segment = torch.full((batch, width), -1, dtype=torch.long)  # -1 pad, 0 context, k option
+        positions = torch.zeros((batch, width), dtype=torch.long)
+        spans, contexts_end = [], []
+        for row, (context, options) in enumerate(rows):
+            at = width - lengths[row]  # left padding
+            n_ctx = len(context)
+            input_ids[row, at : at + n_ctx] = torch.tensor(context, dtype=torch.long)
+            segment[row, at : at + n_ctx] = 0
+            positions[row, at : at + n_ctx] = torch.arange(n_ctx) + start
+            cursor, row_spans = at + n_ctx, []
+            for k, option in enumerate(options, start=1):
+                n = len(option)
+                input_ids[row, cursor : cursor + n] = torch.tensor(option, dtype=torch.long)
+                segment[row, cursor : cursor + n] = k
+                positions[row, cursor : cursor + n] = torch.arange(n) + start + n_ctx
+                row_spans.append((cursor, cursor + n))
+                cursor += n
+            spans.append(row_spans)
+            contexts_end.append(at + n_ctx)
+        key_mask = segment >= 0
+        same = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        eye = torch.eye(width, dtype=torch.bool)
+        visible = (same & causal & key_mask[:, None, :]) | eye
+        return cls(input_ids, positions, key_mask, visible, spans, contexts_end)
 
 
 class SuffixCache(DynamicCache):
