@@ -479,7 +479,12 @@ def _register_stages() -> None:
         "trainer.enable_checkpointing",
         "trainer.use_distributed_sampler",
     )
-    runtime_only = ("generation.batch_size", "generation.progress", "generation.device")
+    runtime_only = (
+        "generation.batch_size",
+        "generation.score_batch_size",
+        "generation.progress",
+        "generation.device",
+    )
     STAGES.update(
         {
             "generate_sl": Stage(

@@ -47,6 +47,7 @@ def build_engine(
             model,
             tokenizer,
             batch_size=int(gen_cfg.batch_size),
+            score_batch_size=gen_cfg.get("score_batch_size"),
             prefix_cache=bool(gen_cfg.prefix_cache),
             progress=bool(gen_cfg.progress),
         )

@@ -32,7 +32,13 @@ from cai.generation.base import (
     Request,
     ScoreRequest,
 )
-from cai.generation.shared_prefix import ATTENTION_NAME, PackedRows, PrefixCache, SuffixCache
+from cai.generation.shared_prefix import (
+    ATTENTION_NAME,
+    PackedRows,
+    PrefixCache,
+    SuffixCache,
+    release_mask,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +68,12 @@ class HFEngine(GenerationEngine):
         batch_size: int = 32,
         prefix_cache: bool = True,
         progress: bool = True,
+        score_batch_size: int | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
-        self.batch_size = batch_size
+        self.batch_size = batch_size  # rows decoded together
+        self.score_batch_size = int(score_batch_size or batch_size)  # rows scored together
         self.use_prefix_cache = prefix_cache
         self.progress = progress
         self._prefixes: dict[str, PrefixCache] = {}
@@ -144,6 +152,7 @@ class HFEngine(GenerationEngine):
                 results[index] = output
             bar.update(len(batch))
         bar.close()
+        release_mask()
         self.stats["wall_s"] += time.perf_counter() - start
         return results  # type: ignore[return-value]
 
@@ -176,14 +185,15 @@ class HFEngine(GenerationEngine):
         order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + sum(map(len, rows[i][1])))
         results: list[OptionScores | None] = [None] * len(rows)
         bar = tqdm(total=len(rows), desc=desc, disable=not self.progress, unit="req", leave=False)
-        for first in range(0, len(order), self.batch_size):
-            batch = order[first : first + self.batch_size]
+        for first in range(0, len(order), self.score_batch_size):
+            batch = order[first : first + self.score_batch_size]
             for index, scores in zip(
                 batch, self._score_batch([rows[i] for i in batch], prefix_cache), strict=True
             ):
                 results[index] = scores
             bar.update(len(batch))
         bar.close()
+        release_mask()
         self.stats["wall_s"] += time.perf_counter() - start
         return results  # type: ignore[return-value]
 

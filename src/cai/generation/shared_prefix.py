@@ -77,26 +77,38 @@ def shared_prefix_attention(
     kv_heads, suffix_len = key.shape[1], key.shape[2]
     groups = q_heads // kv_heads
     scaling = scaling if scaling is not None else dim**-0.5
-    key_mask = (
-        cai_key_mask
-        if cai_key_mask is not None
-        else torch.ones(batch, suffix_len, dtype=torch.bool, device=key.device)
-    )
-    # Suffix visibility [B, q, S]: causal, no padding; a query always sees itself (no empty rows).
-    query_pos = torch.arange(suffix_len - q_len, suffix_len, device=key.device)
-    key_pos = torch.arange(suffix_len, device=key.device)
-    causal = key_pos[None, :] <= query_pos[:, None]
-    visible = (causal[None] & key_mask[:, None, :]) | (
-        key_pos[None, None, :] == query_pos[None, :, None]
-    )
-    if cai_visible is not None:
-        visible = cai_visible
     grouped = query.reshape(batch, kv_heads, groups * q_len, dim)  # row order: (group, query)
-    mask = (
-        visible[:, None, None]
-        .expand(batch, 1, groups, q_len, suffix_len)
-        .reshape(batch, 1, groups * q_len, suffix_len)
-    )
+
+    def suffix_mask() -> torch.Tensor:
+        key_mask = (
+            cai_key_mask
+            if cai_key_mask is not None
+            else torch.ones(batch, suffix_len, dtype=torch.bool, device=key.device)
+        )
+        # Suffix visibility [B, q, S]: causal, no padding; a query always sees itself.
+        query_pos = torch.arange(suffix_len - q_len, suffix_len, device=key.device)
+        key_pos = torch.arange(suffix_len, device=key.device)
+        causal = key_pos[None, :] <= query_pos[:, None]
+        visible = (causal[None] & key_mask[:, None, :]) | (
+            key_pos[None, None, :] == query_pos[None, :, None]
+        )
+        if cai_visible is not None:
+            visible = cai_visible
+        mask = (
+            visible[:, None, None]
+            .expand(batch, 1, groups, q_len, suffix_len)
+            .reshape(batch, 1, groups * q_len, suffix_len)
+        )
+        if query.device.type == "cpu":  # the fused kernel takes an additive mask, query's dtype
+            return torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(
+                ~mask, float("-inf")
+            )
+        return mask
+
+    # every layer of one forward pass gets the same mask tensors: build the mask once
+    source = cai_visible if cai_visible is not None else cai_key_mask
+    shape = (batch, groups, q_len, suffix_len, query.dtype, query.device)
+    mask = _LastMask.get(source, shape, suffix_mask)
     out, lse = _flash(grouped, key, value, mask, scaling)  # [B, Hkv, g*q, d], [B, Hkv, g*q]
     if cai_prefix is not None and cai_prefix.length:
         layer = module.layer_idx
@@ -116,16 +128,38 @@ def shared_prefix_attention(
     return out.transpose(1, 2).contiguous(), None
 
 
+class _LastMask:
+    """The suffix mask of the last attention call and what it was built from. The layers of one
+    forward pass are called with the same `cai_visible` / `cai_key_mask` tensor, so the first
+    builds the mask (up to tens of MB for a batch of packed rows) and the others reuse it,
+    instead of every layer building its own."""
+
+    source: torch.Tensor | None = None
+    shape: tuple | None = None
+    mask: torch.Tensor | None = None
+
+    @classmethod
+    def get(cls, source, shape: tuple, build) -> torch.Tensor:
+        if source is None or cls.source is not source or cls.shape != shape:
+            cls.source, cls.shape, cls.mask = source, shape, build()
+        return cls.mask
+
+    @classmethod
+    def clear(cls) -> None:
+        cls.source = cls.shape = cls.mask = None
+
+
+def release_mask() -> None:
+    """Let the last attention mask go (callers do when a generation or scoring call ends)."""
+    _LastMask.clear()
+
+
 def _flash(query, key, value, mask, scale):
-    """Attention output and its log-sum-exp (fused CPU kernel; a plain fallback elsewhere)."""
+    """Attention output and its log-sum-exp (fused CPU kernel; a plain fallback elsewhere).
+    mask: None, or on a CPU an additive mask of the query's dtype, elsewhere a bool mask."""
     if query.device.type == "cpu":
-        bias = None  # the kernel takes an additive mask of the query's dtype
-        if mask is not None:
-            bias = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(
-                ~mask, float("-inf")
-            )
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query, key, value, 0.0, False, attn_mask=bias, scale=scale
+            query, key, value, 0.0, False, attn_mask=mask, scale=scale
         )[:2]
         return out, lse.float()
     scores = torch.matmul(query, key.transpose(-1, -2)).float() * scale

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from cai.artifacts import Artifact, read_jsonl, write_json_atomic
 from cai.constitution import parse_turns
 from cai.errors import ConfigError
-from cai.generation.shared_prefix import ATTENTION_NAME, PackedRows
+from cai.generation.shared_prefix import ATTENTION_NAME, PackedRows, release_mask
 from cai.memory import padded_width
 from cai.modules.sft import bucketed_batches
 from cai.modules.training import (
@@ -345,6 +345,7 @@ class PreferenceModel:
                     out[i] = value
         finally:
             self.model.set_attn_implementation(previous_attention)
+            release_mask()
         return [out[i] for i in same]
 
 
