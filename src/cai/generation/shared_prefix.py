@@ -79,21 +79,22 @@ def shared_prefix_attention(
     scaling = scaling if scaling is not None else dim**-0.5
     grouped = query.reshape(batch, kv_heads, groups * q_len, dim)  # row order: (group, query)
 
-    def suffix_mask() -> torch.Tensor:
+    def causal_visibility() -> torch.Tensor:
+        """Suffix visibility [B, q, S]: causal, no padding; a query always sees itself."""
         key_mask = (
             cai_key_mask
             if cai_key_mask is not None
             else torch.ones(batch, suffix_len, dtype=torch.bool, device=key.device)
         )
-        # Suffix visibility [B, q, S]: causal, no padding; a query always sees itself.
         query_pos = torch.arange(suffix_len - q_len, suffix_len, device=key.device)
         key_pos = torch.arange(suffix_len, device=key.device)
         causal = key_pos[None, :] <= query_pos[:, None]
-        visible = (causal[None] & key_mask[:, None, :]) | (
+        return (causal[None] & key_mask[:, None, :]) | (
             key_pos[None, None, :] == query_pos[None, :, None]
         )
-        if cai_visible is not None:
-            visible = cai_visible
+
+    def suffix_mask() -> torch.Tensor:
+        visible = cai_visible if cai_visible is not None else causal_visibility()
         mask = (
             visible[:, None, None]
             .expand(batch, 1, groups, q_len, suffix_len)

@@ -303,7 +303,7 @@ class PreferenceModel:
                 self.max_row_dialogues,
             )
         ]
-        rows.sort(key=lambda r: row_width(r))
+        rows.sort(key=row_width)
         batches, batch = [], []
         for row in rows:  # ascending widths: the newest member is the widest
             if batch and (
