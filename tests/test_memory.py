@@ -302,7 +302,6 @@ def test_a_judge_trains_only_its_top_layers_and_head():
     state, unchanged by a step); the top layers, final norm and score head move."""
     from cai.config import compose
     from cai.errors import ConfigError
-    from cai.eval.judges import check_settings
     from cai.modules.pm import (
         EncodedPair,
         PMModule,
@@ -310,6 +309,7 @@ def test_a_judge_trains_only_its_top_layers_and_head():
         init_preference_model,
         train_top_layers,
     )
+    from cai.settings import check_settings as check_numbers
 
     cfg = compose(["model=tiny"])
     pm, tokenizer = init_preference_model(cfg.model, cfg.paths.cache_dir, seed=0)
@@ -332,5 +332,7 @@ def test_a_judge_trains_only_its_top_layers_and_head():
         assert moved == (name in names) or (name in names and param.grad is None), name
     assert train_top_layers(pm, 99) == sum(p.numel() for p in pm.parameters())  # all of them
     with pytest.raises(ConfigError, match="judge.train_layers=0"):
-        check_settings(compose(["judge.train_layers=0"]))
-    check_settings(compose(["judge.train_layers=null"]))
+        check_numbers(compose(["judge.train_layers=0"]))
+    with pytest.raises(ConfigError, match="generation.score_batch_size=0"):
+        check_numbers(compose(["generation.score_batch_size=0"]))
+    check_numbers(compose(["judge.train_layers=null"]))

@@ -49,11 +49,6 @@ def check_settings(cfg: DictConfig) -> None:
             raise ConfigError(f"judge.{dimension}={value!r}: use {', '.join(allowed)} or null.")
     if str(node.get("weights", "auto")) not in ("auto", "float32"):
         raise ConfigError(f"judge.weights={node.weights!r}: use auto or float32.")
-    layers = node.get("train_layers")
-    if layers is not None and (
-        isinstance(layers, bool) or not isinstance(layers, int) or layers < 1
-    ):
-        raise ConfigError(f"judge.train_layers={layers!r}: a number of layers (>= 1) or null.")
     if str(node.init) in ("policy", "sft"):
         log.warning(
             "judge.init=%s: the judge then changes with the model judged, so runs of different "
