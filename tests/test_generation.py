@@ -174,3 +174,32 @@ def test_score_matches_a_plain_forward_pass(tiny, prefix):
             assert logprob == pytest.approx(expected, abs=1e-3)
             assert n == len(tokenizer(option, add_special_tokens=False).input_ids)
     assert scores[0].num_tokens[2] > 1  # a multi-token option sums all its tokens
+
+
+def test_decode_attention_is_attention_over_prefix_and_row():
+    """A decode step (one query per row) against the textbook formula: softmax over the shared
+    prefix's keys followed by the row's own keys, padding excluded."""
+    from cai.generation.shared_prefix import PrefixCache, _decode_attention
+
+    gen = torch.Generator().manual_seed(0)
+    batch, kv_heads, groups, dim, prefix_len, suffix_len = 3, 2, 3, 8, 5, 4
+    query = torch.randn(batch, kv_heads, groups, dim, generator=gen)
+    key = torch.randn(batch, kv_heads, suffix_len, dim, generator=gen)
+    value = torch.randn(batch, kv_heads, suffix_len, dim, generator=gen)
+    prefix_k = torch.randn(1, kv_heads, prefix_len, dim, generator=gen)
+    prefix_v = torch.randn(1, kv_heads, prefix_len, dim, generator=gen)
+    key_mask = torch.ones(batch, suffix_len, dtype=torch.bool)
+    key_mask[1, :2] = False  # row 1 is left-padded by two columns
+    prefix = PrefixCache([prefix_k], [prefix_v], prefix_len)
+    out = _decode_attention(query, key, value, key_mask, prefix, layer=0, scaling=0.5)
+    assert out.shape == (batch, kv_heads, groups, dim)
+    for b in range(batch):
+        real = key_mask[b]
+        for h in range(kv_heads):
+            keys = torch.cat([prefix_k[0, h], key[b, h][real]])
+            values = torch.cat([prefix_v[0, h], value[b, h][real]])
+            expected = torch.softmax(query[b, h] @ keys.T * 0.5, dim=-1) @ values
+            torch.testing.assert_close(out[b, h], expected, rtol=1e-5, atol=1e-5)
+    without_prefix = _decode_attention(query, key, value, key_mask, None, layer=0, scaling=0.5)
+    expected = torch.softmax(query[0, 0] @ key[0, 0].T * 0.5, dim=-1) @ value[0, 0]
+    torch.testing.assert_close(without_prefix[0, 0], expected, rtol=1e-5, atol=1e-5)

@@ -69,6 +69,7 @@ def shared_prefix_attention(
     Query heads are grouped by the kv head they share ([B, Hkv, g*q, d]). The prefix part treats
     every row's queries as one long sequence against the single prefix copy (no per-row copy);
     the suffix part is masked attention per row; the two are merged with their log-sum-exps.
+    A decode step (one query per row) takes `_decode_attention` instead.
     """
     if torch.is_autocast_enabled(query.device.type):  # one dtype, as sdpa takes under autocast
         dtype = torch.get_autocast_dtype(query.device.type)
@@ -106,6 +107,12 @@ def shared_prefix_attention(
             )
         return mask
 
+    if q_len == 1 and cai_visible is None:  # a decode step
+        out = _decode_attention(
+            grouped, key, value, cai_key_mask, cai_prefix, module.layer_idx, scaling
+        )
+        return out.reshape(batch, q_heads, 1, dim).transpose(1, 2).contiguous(), None
+
     # every layer of one forward pass gets the same mask tensors: build the mask once
     source = cai_visible if cai_visible is not None else cai_key_mask
     shape = (batch, groups, q_len, suffix_len, query.dtype, query.device)
@@ -127,6 +134,38 @@ def shared_prefix_attention(
         out = out.to(query.dtype)
     out = out.reshape(batch, q_heads, q_len, dim)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _decode_attention(
+    grouped, key, value, key_mask, prefix: PrefixCache | None, layer: int, scaling
+):
+    """One decode step's attention over [shared prefix ; suffix cache], as transformers' eager
+    attention computes it (scores in the model's dtype, softmax in fp32), in one softmax over
+    both parts: a few large matrix products instead of a fused kernel call per row and head,
+    2-3x faster on a CPU at this shape (one query per row).
+
+    grouped: [B, Hkv, g, d] (one query per row, heads grouped by kv head); key, value:
+    [B, Hkv, S, d]; key_mask: [B, S] bool or None. Returns [B, Hkv, g, d]."""
+    batch, kv_heads, groups, dim = grouped.shape
+    grouped = grouped * scaling
+    # batched products over strided cache views are slow on a CPU: copy them first
+    scores = torch.matmul(grouped, key.contiguous().transpose(-1, -2))  # [B, Hkv, g, S]
+    if key_mask is not None:
+        scores.masked_fill_(~key_mask[:, None, None, :], float("-inf"))
+    length = prefix.length if prefix is not None else 0
+    if length:
+        prefix_keys, prefix_values = prefix.keys[layer][0], prefix.values[layer][0]  # [Hkv, P, d]
+        rows = grouped.transpose(0, 1).reshape(kv_heads, batch * groups, dim)  # all rows' queries
+        prefix_scores = torch.matmul(rows, prefix_keys.transpose(-1, -2))  # [Hkv, B*g, P]
+        prefix_scores = prefix_scores.view(kv_heads, batch, groups, length).permute(1, 0, 2, 3)
+        scores = torch.cat([prefix_scores, scores], dim=-1)  # [B, Hkv, g, P + S]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(grouped.dtype)
+    out = torch.matmul(probs[..., length:], value.contiguous())
+    if length:
+        prefix_probs = probs[..., :length].permute(1, 0, 2, 3).reshape(-1, batch * groups, length)
+        prefix_out = torch.matmul(prefix_probs, prefix_values).view(kv_heads, batch, groups, dim)
+        out = out + prefix_out.transpose(0, 1)
+    return out
 
 
 class _LastMask:
