@@ -199,17 +199,22 @@ def test_ppo_update_on_two_processes_stays_in_sync(tiny_policy, tmp_path):
 
 
 def test_a_killed_ppo_run_resumes_from_its_checkpoint(make_cfg, monkeypatch):
-    """An exception after the second iteration (its checkpoint written), then the same command
-    again: the run continues from iteration 3 and ends where an uninterrupted one would."""
+    """Checkpoints every 2 iterations; an exception after the third, then the same command
+    again: the run continues from iteration 2's checkpoint (ppo.checkpoint_every counts
+    iterations, not optimiser steps) and ends where an uninterrupted one would."""
     from cai.artifacts import read_jsonl
     from cai.modules.ppo import PPOModule
     from cai.pipeline import run
 
-    cfg = make_cfg(*SMALL, "pipeline.stages=[generate_sl,sft,generate_pairs,feedback,pm,ppo]")
+    cfg = make_cfg(
+        *SMALL,
+        "ppo.checkpoint_every=2",
+        "pipeline.stages=[generate_sl,sft,generate_pairs,feedback,pm,ppo]",
+    )
     original = PPOModule.on_train_batch_end if hasattr(PPOModule, "on_train_batch_end") else None
 
     def crash(self, outputs, batch, batch_idx):
-        if self.sequences >= 8:
+        if self.sequences >= 12:
             raise RuntimeError("killed")
 
     monkeypatch.setattr(PPOModule, "on_train_batch_end", crash, raising=False)
@@ -220,6 +225,7 @@ def test_a_killed_ppo_run_resumes_from_its_checkpoint(make_cfg, monkeypatch):
     artifact = run(cfg)["ppo"]
     metrics = artifact.manifest["metrics"]
     assert metrics["resumed"] and metrics["sequences"] == 12
+    assert metrics["start_step"] == 2 * 2  # iteration 2's checkpoint: 2 optimiser steps each
     assert len(read_jsonl(artifact.file("metrics.jsonl"))) == 3
 
 

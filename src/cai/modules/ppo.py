@@ -506,7 +506,12 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
     # (no autocast: a bf16 policy is bf16 already).
     run_cfg = OmegaConf.merge(cfg, {"trainer": {"max_epochs": 1, "precision": "32-true"}})
     data = PromptBatches(len(prompts), int(ppo.steps), int(ppo.batch_size), int(cfg.seed))
-    trained = fit(run_cfg, module, data, work_dir, -1, int(ppo.checkpoint_every))
+    # Lightning counts optimiser steps; ppo.checkpoint_every counts iterations
+    steps_per_iteration = int(ppo.epochs) * math.ceil(
+        int(ppo.batch_size) / max(1, min(int(ppo.minibatch_size), int(ppo.batch_size)))
+    )
+    checkpoint_every = int(ppo.checkpoint_every) * steps_per_iteration
+    trained = fit(run_cfg, module, data, work_dir, -1, checkpoint_every)
     if is_follower():  # several processes: global rank 0 saves
         return trained
     save_policy(policy, tokenizer, work_dir / "model", module.final_state)
