@@ -203,3 +203,35 @@ def test_decode_attention_is_attention_over_prefix_and_row():
     without_prefix = _decode_attention(query, key, value, key_mask, None, layer=0, scaling=0.5)
     expected = torch.softmax(query[0, 0] @ key[0, 0].T * 0.5, dim=-1) @ value[0, 0]
     torch.testing.assert_close(without_prefix[0, 0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_attention_is_attention_over_prefix_and_visible_keys():
+    """Many queries per row on the CPU path against the textbook formula: each query attends to
+    the whole shared prefix and to the suffix keys its mask lets it see."""
+    from cai.generation.shared_prefix import PrefixCache, _cpu_prefill_attention
+
+    gen = torch.Generator().manual_seed(1)
+    batch, kv_heads, rows, dim, prefix_len, suffix_len = 2, 3, 4, 8, 6, 4
+    query = torch.randn(batch, kv_heads, rows, dim, generator=gen)
+    key = torch.randn(batch, kv_heads, suffix_len, dim, generator=gen)
+    value = torch.randn(batch, kv_heads, suffix_len, dim, generator=gen)
+    prefix_k = torch.randn(1, kv_heads, prefix_len, dim, generator=gen)
+    prefix_v = torch.randn(1, kv_heads, prefix_len, dim, generator=gen)
+    visible = torch.ones(suffix_len, suffix_len, dtype=torch.bool).tril()  # causal
+    visible = visible[None].repeat(batch, 1, 1)
+    visible[1, :, 0] = False  # row 1: its first column is padding
+    visible[1, 0, 0] = True  # (a query always sees itself)
+    mask = torch.zeros(batch, 1, rows, suffix_len).masked_fill(~visible[:, None], float("-inf"))
+    prefix = PrefixCache([prefix_k], [prefix_v], prefix_len)
+    for with_prefix in (prefix, None):
+        out = _cpu_prefill_attention(query, key, value, mask, with_prefix, layer=0, scaling=0.3)
+        for b in range(batch):
+            for h in range(kv_heads):
+                for r in range(rows):
+                    seen = visible[b, r]
+                    keys, values = key[b, h][seen], value[b, h][seen]
+                    if with_prefix is not None:
+                        keys = torch.cat([prefix_k[0, h], keys])
+                        values = torch.cat([prefix_v[0, h], values])
+                    weights = torch.softmax(query[b, h, r] @ keys.T * 0.3, dim=-1)
+                    torch.testing.assert_close(out[b, h, r], weights @ values, rtol=1e-5, atol=1e-5)
