@@ -176,25 +176,36 @@ def test_score_matches_a_plain_forward_pass(tiny, prefix):
     assert scores[0].num_tokens[2] > 1  # a multi-token option sums all its tokens
 
 
-def test_matmul_attention_gives_attention_and_its_log_sum_exp():
-    """The decode-step prefix attention on a CPU (plain products) against the textbook
-    formula: softmax(q k^T * scale) v, and log(sum(exp(q k^T * scale)))."""
-    from cai.generation.shared_prefix import _matmul_attention
+def test_decode_attention_is_attention_over_prefix_and_row():
+    """A decode step on the CPU path (one query per row, the cache's whole buffer with zeros
+    past the filled columns) against the textbook formula: softmax over the shared prefix's
+    keys followed by the row's own real keys."""
+    from cai.generation.shared_prefix import PrefixCache, _cpu_decode_attention
 
     gen = torch.Generator().manual_seed(0)
-    query = torch.randn(1, 2, 5, 8, generator=gen)
-    key = torch.randn(1, 2, 7, 8, generator=gen)
-    value = torch.randn(1, 2, 7, 8, generator=gen)
-    out, lse = _matmul_attention(query, key, value, None, 0.5)
-    assert out.shape == (1, 2, 5, 8) and lse.shape == (1, 2, 5)
-    for h in range(2):
-        for r in range(5):
-            logits = key[0, h] @ query[0, h, r] * 0.5
-            expected = torch.softmax(logits, dim=0) @ value[0, h]
-            torch.testing.assert_close(out[0, h, r], expected, rtol=1e-5, atol=1e-5)
-            assert float(lse[0, h, r]) == pytest.approx(
-                float(torch.log(logits.exp().sum())), rel=1e-5
-            )
+    batch, kv_heads, groups, dim, prefix_len, filled, capacity = 3, 2, 3, 8, 5, 4, 7
+    query = torch.randn(batch, kv_heads, groups, dim, generator=gen)
+    key = torch.zeros(batch, kv_heads, capacity, dim)
+    value = torch.zeros(batch, kv_heads, capacity, dim)
+    key[:, :, :filled] = torch.randn(batch, kv_heads, filled, dim, generator=gen)
+    value[:, :, :filled] = torch.randn(batch, kv_heads, filled, dim, generator=gen)
+    prefix_k = torch.randn(1, kv_heads, prefix_len, dim, generator=gen)
+    prefix_v = torch.randn(1, kv_heads, prefix_len, dim, generator=gen)
+    key_mask = torch.ones(batch, filled, dtype=torch.bool)
+    key_mask[1, :2] = False  # row 1 is left-padded by two columns
+    prefix = PrefixCache([prefix_k], [prefix_v], prefix_len)
+    for with_prefix in (prefix, None):
+        out = _cpu_decode_attention(query, key, value, key_mask, with_prefix, 0, 0.5)
+        assert out.shape == (batch, kv_heads, groups, dim)
+        for b in range(batch):
+            real = torch.cat([key_mask[b], torch.zeros(capacity - filled, dtype=torch.bool)])
+            for h in range(kv_heads):
+                keys, values = key[b, h][real], value[b, h][real]
+                if with_prefix is not None:
+                    keys = torch.cat([prefix_k[0, h], keys])
+                    values = torch.cat([prefix_v[0, h], values])
+                expected = torch.softmax(query[b, h] @ keys.T * 0.5, dim=-1) @ values
+                torch.testing.assert_close(out[b, h], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_prefill_attention_is_attention_over_prefix_and_visible_keys():

@@ -107,6 +107,12 @@ def shared_prefix_attention(
             )
         return mask
 
+    if q_len == 1 and cai_visible is None and query.device.type == "cpu":  # a decode step
+        out = _cpu_decode_attention(
+            grouped, key, value, cai_key_mask, cai_prefix, module.layer_idx, scaling
+        )
+        return out.reshape(batch, q_heads, 1, dim).transpose(1, 2).contiguous(), None
+
     # every layer of one forward pass gets the same mask tensors: build the mask once
     source = cai_visible if cai_visible is not None else cai_key_mask
     shape = (batch, groups, q_len, suffix_len, query.dtype, query.device)
@@ -120,9 +126,7 @@ def shared_prefix_attention(
     if cai_prefix is not None and cai_prefix.length:
         layer = module.layer_idx
         rows = grouped.transpose(0, 1).reshape(1, kv_heads, batch * groups * q_len, dim)
-        # a decode step (a few queries per row) on a CPU: plain products beat the fused kernel
-        attend = _matmul_attention if q_len == 1 and query.device.type == "cpu" else _flash
-        prefix_out, prefix_lse = attend(
+        prefix_out, prefix_lse = _flash(
             rows, cai_prefix.keys[layer], cai_prefix.values[layer], None, scaling
         )
         prefix_out = prefix_out.reshape(kv_heads, batch, groups * q_len, dim).transpose(0, 1)
@@ -135,6 +139,43 @@ def shared_prefix_attention(
         out = out.to(query.dtype)
     out = out.reshape(batch, q_heads, q_len, dim)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _cpu_decode_attention(grouped, key, value, key_mask, prefix, layer: int, scaling):
+    """One decode step on a CPU: every row's query against [shared prefix ; its own cache] in
+    one softmax, by plain matrix products (scores in the model's dtype, softmax in fp32, as
+    transformers' eager attention); the prefix part for all rows at once.
+
+    grouped: [B, Hkv, g, d]; key, value: [B, Hkv, W, d], the suffix cache's whole contiguous
+    buffers (`SuffixCache.update` returns them for decode steps on a CPU), of which the first
+    S = key_mask.shape[1] columns are filled; the rest are zeros and masked out. Products over
+    the whole buffer keep one shape for a batch's steps: a strided [:S] view is slow in batched
+    products, a copy costs a fresh allocation per layer and step, and a shape that changes every
+    step makes oneDNN keep a new kernel each time (resident memory grows; cai.memory.padded_width).
+    Returns [B, Hkv, g, d]."""
+    batch, kv_heads, groups, dim = grouped.shape
+    width = key.shape[2]
+    visible = torch.zeros(batch, width, dtype=torch.bool, device=key.device)
+    if key_mask is None:
+        visible[:] = True
+    else:
+        visible[:, : key_mask.shape[1]] = key_mask
+    query = grouped * scaling
+    scores = torch.matmul(query, key.transpose(-1, -2))  # [B, Hkv, g, W]
+    scores.masked_fill_(~visible[:, None, None, :], float("-inf"))
+    length = prefix.length if prefix is not None else 0
+    if length:
+        every_row = query.transpose(0, 1).reshape(kv_heads, batch * groups, dim)
+        prefix_scores = torch.matmul(every_row, prefix.keys[layer][0].transpose(-1, -2))
+        prefix_scores = prefix_scores.view(kv_heads, batch, groups, length).permute(1, 0, 2, 3)
+        scores = torch.cat([prefix_scores, scores], dim=-1)  # [B, Hkv, g, P + W]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(grouped.dtype)
+    out = torch.matmul(probs[..., length:], value)
+    if length:
+        prefix_probs = probs[..., :length].permute(1, 0, 2, 3).reshape(-1, batch * groups, length)
+        prefix_out = torch.matmul(prefix_probs, prefix.values[layer][0])  # [Hkv, B*g, d]
+        out = out + prefix_out.view(kv_heads, batch, groups, dim).transpose(0, 1)
+    return out
 
 
 @torch.no_grad()
@@ -196,17 +237,6 @@ class _LastMask:
 def release_mask() -> None:
     """Let the last attention mask go (callers do when a generation or scoring call ends)."""
     _LastMask.clear()
-
-
-def _matmul_attention(query, key, value, mask, scale):
-    """Attention output and its log-sum-exp by plain matrix products, scores in the model's
-    dtype and softmax in fp32 (as transformers' eager attention). For a decode step against the
-    shared prefix on a CPU: every row's queries (one each) against the 2,000-token prefix run
-    2x faster than in the fused kernel (1.8 -> 0.9 ms a layer at batch 48). mask: unused.
-    query: [1, Hkv, n, d]; key, value: [1, Hkv, P, d]."""
-    scores = torch.matmul(query * scale, key.transpose(-1, -2)).float()
-    lse = torch.logsumexp(scores, dim=-1)
-    return torch.matmul(torch.softmax(scores, dim=-1).to(value.dtype), value), lse
 
 
 def _flash(query, key, value, mask, scale):
@@ -291,14 +321,15 @@ class SuffixCache(DynamicCache):
         self.length = 0
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        """key_states, value_states: [B, Hkv, new, d]. Returns views [B, Hkv, length, d]."""
+        """key_states, value_states: [B, Hkv, new, d]. Returns views [B, Hkv, length, d]; for a
+        decode step on a CPU the whole buffers [B, Hkv, capacity, d], zeros past `length`."""
         new = key_states.shape[2]
         start = self.length
         keys, values = self.buffers.get(layer_idx, (None, None))
         if keys is None or start + new > keys.shape[2]:
             size = max(self.capacity, 2 * (start + new))
-            grown_k = key_states.new_empty(*key_states.shape[:2], size, key_states.shape[3])
-            grown_v = value_states.new_empty(*value_states.shape[:2], size, value_states.shape[3])
+            grown_k = key_states.new_zeros(*key_states.shape[:2], size, key_states.shape[3])
+            grown_v = value_states.new_zeros(*value_states.shape[:2], size, value_states.shape[3])
             if keys is not None:
                 grown_k[:, :, :start] = keys[:, :, :start]
                 grown_v[:, :, :start] = values[:, :, :start]
@@ -306,6 +337,8 @@ class SuffixCache(DynamicCache):
             self.buffers[layer_idx] = (keys, values)
         keys[:, :, start : start + new] = key_states
         values[:, :, start : start + new] = value_states
+        if new == 1 and keys.device.type == "cpu":  # a decode step: the whole (zeroed) buffers
+            return keys, values  # (see _cpu_decode_attention)
         return keys[:, :, : start + new], values[:, :, : start + new]
 
     def fill_past(self, rows: list, width: int) -> None:
