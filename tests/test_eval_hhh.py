@@ -7,16 +7,10 @@ from pathlib import Path
 import pytest
 
 from cai.errors import ConfigError
-from cai.eval.hhh import (
-    calibration,
-    cot_context,
-    load_eval,
-    option_probabilities,
-    score_items,
-    summarise,
-)
+from cai.eval.hhh import cot_context, option_probabilities, score_items, summarise
 from cai.generation.base import Generation, OptionScores
-from cai.results import read_rows, wilson_interval
+from cai.paper_evals import hhh_pairs, load_eval
+from cai.results import calibration, read_rows, wilson_interval
 
 
 def test_loaders_read_every_item(data_dir):
@@ -111,6 +105,18 @@ def test_a_malformed_eval_line_names_file_and_line(tmp_path):
         load_eval("hhh", str(tmp_path))
     with pytest.raises(ConfigError, match="CAI_DATA_DIR"):
         load_eval("hhh", None)
+    with pytest.raises(ConfigError, match=r"line 1: expected JSON with text_correct"):
+        hhh_pairs(str(tmp_path))  # the PM's reader of the same file checks its lines too
+    assert hhh_pairs(None) == [] and hhh_pairs(str(tmp_path / "elsewhere")) == []
+
+
+def test_hhh_pairs_are_the_published_transcripts(data_dir):
+    """Straight from the file: the 438 pairs, the correct transcript first."""
+    lines = (data_dir / "cai-paper" / "evals" / "438HHHEvaluations.jsonl").read_text().splitlines()
+    first = json.loads(lines[0])
+    pairs = hhh_pairs(str(data_dir))
+    assert len(pairs) == 438
+    assert pairs[0] == (first["text_correct"], first["text_incorrect"])
 
 
 def test_eval_hhh_stage_writes_result_rows(make_cfg, data_dir):

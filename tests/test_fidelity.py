@@ -188,7 +188,8 @@ def test_hh_rlhf_baseline_pm_gets_the_rl_cai_mix():
 
 def test_hhh_cot_uses_the_cot_fewshot_format(data_dir):
     """The CoT question looks like the paper's RLMadisonPrecog few-shots, read from the file."""
-    from cai.eval.hhh import cot_context, load_eval
+    from cai.eval.hhh import cot_context
+    from cai.paper_evals import load_eval
 
     shots = json.loads(
         (data_dir / "cai-paper" / "prompts" / "RLMadisonPrecogFewShotPrompts.json").read_text()

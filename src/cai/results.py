@@ -88,3 +88,36 @@ def phrase_rate(answers: list[str], phrases) -> float:
         return 0.0
     pattern = re.compile("|".join(re.escape(p) for p in phrases), re.IGNORECASE)
     return sum(bool(pattern.search(a)) for a in answers) / len(answers)
+
+
+def calibration(
+    confidences: list[float], correct: list[bool], bins: int = 10
+) -> tuple[float, list[dict]]:
+    """Expected calibration error and the reliability table over equal-width confidence bins.
+
+    confidences: probability the model gave its chosen option; correct: whether it was right.
+    ECE = sum over bins of (bin size / n) * |accuracy in bin - mean confidence in bin|.
+    """
+    table = []
+    n = len(confidences)
+    ece = 0.0
+    for b in range(bins):
+        low, high = b / bins, (b + 1) / bins
+        members = [
+            i for i, c in enumerate(confidences) if low <= c < high or (b == bins - 1 and c == 1.0)
+        ]
+        if not members:
+            continue
+        confidence = sum(confidences[i] for i in members) / len(members)
+        accuracy = sum(correct[i] for i in members) / len(members)
+        ece += len(members) / n * abs(accuracy - confidence)
+        table.append(
+            {
+                "low": low,
+                "high": high,
+                "n": len(members),
+                "confidence": confidence,
+                "accuracy": accuracy,
+            }
+        )
+    return ece, table

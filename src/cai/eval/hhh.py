@@ -18,11 +18,9 @@ the reliability table (paper Figure 9) to calibration.csv.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -30,63 +28,16 @@ from omegaconf import DictConfig
 from cai.artifacts import Artifact, read_jsonl, write_jsonl_atomic
 from cai.errors import ConfigError
 from cai.generation.base import GenerationEngine, Request, ScoreRequest
+from cai.paper_evals import MCItem, eval_path, load_eval
+from cai.results import calibration
 
 log = logging.getLogger(__name__)
 
-EVAL_FILES = {
-    "hhh": "438HHHEvaluations.jsonl",
-    "harmful_vs_ethical": "HarmfulVsEthical.jsonl",
-    "harmfulness_classification": "HarmfulnessClassification.jsonl",
-}
 METHODS = ("zero_shot", "cot", "cot_ensemble")
 
 
-@dataclass(frozen=True)
-class MCItem:
-    id: str
-    prompt: str  # ends with "The answer is:"
-    options: tuple[str, ...]  # " (A)", " (B)", ...
-    correct: int  # index of the correct option
-
-
 # ---------------------------------------------------------------------------------------------
-# 1. Data
-
-
-def eval_path(name: str, data_dir: str | None) -> Path:
-    if name not in EVAL_FILES:
-        raise ConfigError(f"eval_hhh.evals: unknown eval {name!r}; known: {', '.join(EVAL_FILES)}.")
-    if not data_dir:
-        raise ConfigError(
-            "eval_hhh needs the paper's eval files: set paths.data_dir (or CAI_DATA_DIR) to a "
-            "folder holding cai-paper/evals/ (see ../shared/data/README.md)."
-        )
-    path = Path(data_dir) / "cai-paper" / "evals" / EVAL_FILES[name]
-    if not path.is_file():
-        raise ConfigError(f"{path} is missing: cai-paper/evals/ must hold {EVAL_FILES[name]}.")
-    return path
-
-
-def load_eval(name: str, data_dir: str | None) -> list[MCItem]:
-    """Every item of one eval file, options in letter order, with a clear error per bad line."""
-    path = eval_path(name, data_dir)
-    items = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            raw = json.loads(line)
-            corrects, incorrects = list(raw["corrects"]), list(raw["incorrects"])
-            prompt = raw["prompt"]
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise ConfigError(
-                f"{path}, line {number}: expected JSON with prompt, corrects, incorrects ({error})."
-            ) from error
-        if len(corrects) != 1 or not incorrects:
-            raise ConfigError(f"{path}, line {number}: need one correct and >= 1 incorrect option.")
-        options = tuple(sorted(corrects + incorrects))
-        items.append(MCItem(f"{name}-{number}", prompt, options, options.index(corrects[0])))
-    return items
+# 1. Data (the reader: cai.paper_evals)
 
 
 def shuffled(items: list[MCItem], seed: int) -> list[MCItem]:
@@ -106,39 +57,6 @@ def option_probabilities(logprobs: tuple[float, ...]) -> list[float]:
     weights = [math.exp(x - top) for x in logprobs]
     total = sum(weights)
     return [w / total for w in weights]
-
-
-def calibration(
-    confidences: list[float], correct: list[bool], bins: int = 10
-) -> tuple[float, list[dict]]:
-    """Expected calibration error and the reliability table over equal-width confidence bins.
-
-    confidences: probability the model gave its chosen option; correct: whether it was right.
-    ECE = sum over bins of (bin size / n) * |accuracy in bin - mean confidence in bin|.
-    """
-    table = []
-    n = len(confidences)
-    ece = 0.0
-    for b in range(bins):
-        low, high = b / bins, (b + 1) / bins
-        members = [
-            i for i, c in enumerate(confidences) if low <= c < high or (b == bins - 1 and c == 1.0)
-        ]
-        if not members:
-            continue
-        confidence = sum(confidences[i] for i in members) / len(members)
-        accuracy = sum(correct[i] for i in members) / len(members)
-        ece += len(members) / n * abs(accuracy - confidence)
-        table.append(
-            {
-                "low": low,
-                "high": high,
-                "n": len(members),
-                "confidence": confidence,
-                "accuracy": accuracy,
-            }
-        )
-    return ece, table
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from cai.artifacts import Artifact, write_json_atomic
 from cai.errors import ConfigError
 from cai.eval.validation import validate_pm
-from cai.modules.pm import hhh_pairs
+from cai.paper_evals import hhh_pairs
 
 log = logging.getLogger(__name__)
 

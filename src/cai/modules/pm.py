@@ -44,7 +44,9 @@ from cai.modules.training import (
     shard_batches,
     training_dtype,
 )
+from cai.paper_evals import hhh_pairs
 from cai.prompting import raw_conversation
+from cai.results import calibration, row, wilson_interval
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +66,6 @@ def soft_preference_loss(r_a: torch.Tensor, r_b: torch.Tensor, p_a: torch.Tensor
 def pair_metrics(r_a: list[float], r_b: list[float], p_a: list[float], bins: int = 10) -> dict:
     """Accuracy (the PM prefers the answer the label prefers), mean margin (r of the preferred
     answer minus r of the other) and expected calibration error of sigmoid(r_a - r_b)."""
-    from cai.eval.hhh import calibration
-
     preferred_first = [p > 0.5 for p in p_a]
     margins = [
         (a - b) if first else (b - a) for a, b, first in zip(r_a, r_b, preferred_first, strict=True)
@@ -305,14 +305,14 @@ class PreferenceModel:
         ]
         rows.sort(key=row_width)
         batches, batch = [], []
-        for row in rows:  # ascending widths: the newest member is the widest
+        for packed_row in rows:  # ascending widths: the newest member is the widest
             if batch and (
                 len(batch) == self.batch_size
-                or (len(batch) + 1) * padded_width(row_width(row)) > self.max_batch_tokens
+                or (len(batch) + 1) * padded_width(row_width(packed_row)) > self.max_batch_tokens
             ):
                 batches.append(batch)
                 batch = []
-            batch.append(row)
+            batch.append(packed_row)
         if batch:
             batches.append(batch)
         out = [0.0] * len(encoded)
@@ -626,20 +626,9 @@ def human_eval_sets(
     return sets
 
 
-def hhh_pairs(data_dir: str | None) -> list[tuple[str, str]]:
-    """(correct, incorrect) transcripts of the paper's 438 HHH comparisons ([] when absent)."""
-    hhh = Path(data_dir or "") / "cai-paper" / "evals" / "438HHHEvaluations.jsonl"
-    if not data_dir or not hhh.is_file():
-        return []
-    items = [json.loads(line) for line in hhh.read_text(encoding="utf-8").splitlines()]
-    return [(i["text_correct"], i["text_incorrect"]) for i in items]
-
-
 def score_pair_sets(scorer: PreferenceModel, sets: dict, common: dict) -> tuple[list, dict]:
     """Accuracy (Wilson 95% interval), margin and ECE of `scorer` on each set of (preferred,
     other) pairs, as result rows with the fields of `common`; and a summary."""
-    from cai.results import row, wilson_interval
-
     rows, summary = [], {}
     for eval_name, pairs in sets.items():
         if not pairs:
