@@ -247,7 +247,7 @@ class PPOModule(pl.LightningModule):
         optimizer = self.optimizers()
         stats = {"policy": [], "value": [], "clipfrac": [], "approxkl": [], "vf_clipfrac": []}
         size = len(rollout.prompts)
-        minibatch = max(1, min(int(ppo.minibatch_size), size))
+        minibatch = minibatch_size(int(ppo.minibatch_size), size)
         for _epoch in range(int(ppo.epochs)):
             order = torch.randperm(size, generator=torch.Generator().manual_seed(self.global_step))
             for start in range(0, size, minibatch):
@@ -360,6 +360,11 @@ class PPOModule(pl.LightningModule):
         self.history = state.get("history", [])
         if self.kl is not None:
             self.kl.value = self.kl_coef
+
+
+def minibatch_size(requested: int, rollouts: int) -> int:
+    """Rollouts per optimiser step: `ppo.minibatch_size`, at most the iteration's rollouts."""
+    return max(1, min(requested, rollouts))
 
 
 def _select(rollout: Rollout, idx: torch.Tensor) -> Rollout:
@@ -507,8 +512,9 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
     run_cfg = OmegaConf.merge(cfg, {"trainer": {"max_epochs": 1, "precision": "32-true"}})
     data = PromptBatches(len(prompts), int(ppo.steps), int(ppo.batch_size), int(cfg.seed))
     # Lightning counts optimiser steps; ppo.checkpoint_every counts iterations
+    batch = int(ppo.batch_size)
     steps_per_iteration = int(ppo.epochs) * math.ceil(
-        int(ppo.batch_size) / max(1, min(int(ppo.minibatch_size), int(ppo.batch_size)))
+        batch / minibatch_size(int(ppo.minibatch_size), batch)
     )
     checkpoint_every = int(ppo.checkpoint_every) * steps_per_iteration
     trained = fit(run_cfg, module, data, work_dir, -1, checkpoint_every)
