@@ -25,13 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from omegaconf import OmegaConf  # noqa: E402
 
-from cai.config import load_model_preset  # noqa: E402
-from cai.constitution import load_constitution  # noqa: E402
-from cai.data import builtin_prompts  # noqa: E402
-from cai.feedback import (  # noqa: E402
+from cai.ai_feedback import (
     OPTIONS,
     REASONING_STOPS,
-    Comparison,
     FeedbackPrompts,
     FeedbackSettings,
     clamp,
@@ -39,6 +35,10 @@ from cai.feedback import (  # noqa: E402
     option_probability,
     plan_queries,
 )
+from cai.comparisons import Comparison
+from cai.config import load_model_preset  # noqa: E402
+from cai.constitution import load_constitution  # noqa: E402
+from cai.data import builtin_prompts  # noqa: E402
 from cai.generation.hf import HFEngine  # noqa: E402
 from cai.models import load_model  # noqa: E402
 
@@ -52,7 +52,8 @@ ANSWERS = (
 def comparisons(n: int) -> list[Comparison]:
     prompts = builtin_prompts(n, 1).red_team[:n]
     return [
-        Comparison(p.id, p.text, ANSWERS if i % 2 else ANSWERS[::-1]) for i, p in enumerate(prompts)
+        Comparison.of_answers(p.id, p.text, ANSWERS if i % 2 else ANSWERS[::-1])
+        for i, p in enumerate(prompts)
     ]
 
 

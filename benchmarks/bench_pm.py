@@ -24,18 +24,18 @@ import pytorch_lightning as pl  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from trl_baseline import trl_args  # noqa: E402
 
+from cai.comparisons import answer_turns
 from cai.config import CONF_DIR, load_model_preset  # noqa: E402
 from cai.data import builtin_prompts  # noqa: E402
 from cai.memory import peak_gb, reset_peak  # noqa: E402
-from cai.modules.pm import (  # noqa: E402
+from cai.modules.pm import (
     EncodedPair,
     PairDataModule,
     PMModule,
-    PreferenceModel,
-    answer_turns,
     init_preference_model,
 )
 from cai.modules.training import training_dtype  # noqa: E402
+from cai.preference import PreferenceModel  # noqa: E402
 
 GOOD = "I can't help with that, because it could hurt someone. I'm glad to talk through safer options. "
 BAD = "Sure, here is how to do it quietly so that nobody notices what you are doing. "

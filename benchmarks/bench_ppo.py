@@ -28,13 +28,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import pytorch_lightning as pl  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+from cai.comparisons import answer_turns  # noqa: E402
 from cai.config import CONF_DIR, load_model_preset  # noqa: E402
 from cai.data import builtin_prompts  # noqa: E402
 from cai.generation.hf import HFEngine  # noqa: E402
 from cai.memory import peak_gb, reset_peak  # noqa: E402
 from cai.models import bf16_supported, load_model  # noqa: E402
-from cai.modules.pm import PreferenceModel, answer_turns, init_preference_model  # noqa: E402
+from cai.modules.pm import init_preference_model  # noqa: E402
 from cai.modules.ppo import PPOModule, PromptBatches, ValueHead  # noqa: E402
+from cai.preference import PreferenceModel  # noqa: E402
 from cai.prompting import answer_prompt  # noqa: E402
 
 

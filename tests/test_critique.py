@@ -13,6 +13,7 @@ from cai.critique import critique_revision_chain, sample_principles
 from cai.data import load_prompts
 from cai.generation.hf import HFEngine
 from cai.prompting import SLPrompts
+from cai.stages import generate_sl
 
 SMALL = [
     "model=tiny",
@@ -124,7 +125,7 @@ def test_killed_stage_resumes_to_the_same_artifact(make_cfg, tmp_path, monkeypat
     def killed(*args, **kwargs):
         raise KeyboardInterrupt("killed while sampling helpfulness answers")
 
-    monkeypatch.setattr(critique, "helpful_samples", killed)
+    monkeypatch.setattr(generate_sl, "helpful_samples", killed)
     with pytest.raises(KeyboardInterrupt):
         pipeline.run(cfg)
     partial = next((tmp_path / "second" / "generate_sl").glob("*.partial"))

@@ -145,7 +145,7 @@ def test_the_same_seed_and_config_give_identical_artifacts(uninterrupted, tmp_pa
 
 def test_a_full_disk_names_the_path_and_keeps_finished_work(tmp_path, monkeypatch):
     """ENOSPC while a stage saves: one clear error naming the file; finished chunks stay."""
-    from cai.modules import sft
+    from cai.stages import sft
 
     cfg = config(tmp_path, "pipeline.stages=[generate_sl,sft]")
     target = tmp_path / "somewhere" / "model.safetensors"

@@ -6,17 +6,17 @@ from pathlib import Path
 import pytest
 from conftest import TINY_STAGES
 
-from cai.constitution import load_constitution
-from cai.errors import ConfigError
-from cai.feedback import (
+from cai.ai_feedback import (
     OPTIONS,
-    Comparison,
     FeedbackPrompts,
     FeedbackSettings,
     clamp,
     label_comparisons,
     option_probability,
 )
+from cai.comparisons import Comparison
+from cai.constitution import load_constitution
+from cai.errors import ConfigError
 from cai.generation.base import Generation, OptionScores
 from cai.pipeline import run
 
@@ -53,7 +53,7 @@ def prompts():
     return FeedbackPrompts(load_constitution(OmegaConf.create({"source": "builtin"})))
 
 
-PAIR = Comparison("c1", "How do I pick a lock?", ("GOOD answer", "BAD answer"))
+PAIR = Comparison.of_answers("c1", "How do I pick a lock?", ("GOOD answer", "BAD answer"))
 
 
 def slot_a_is(context: str) -> str:
@@ -172,8 +172,8 @@ SMALL = [*TINY_STAGES, "feedback.chunk_size=2"]
 
 
 def test_pairs_and_feedback_write_soft_labels(make_cfg):
+    from cai.ai_feedback import load_labels
     from cai.artifacts import read_jsonl
-    from cai.feedback import load_labels
 
     cfg = make_cfg(*SMALL, "pipeline.stages=[generate_sl,sft,generate_pairs,feedback]")
     artifacts = run(cfg)

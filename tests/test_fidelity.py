@@ -154,8 +154,8 @@ def test_sft_trains_on_the_target_revision_text_and_its_finish(tmp_path, tiny):
 
 
 def test_feedback_fewshot_principles_are_sampled_per_example():
+    from cai.ai_feedback import FeedbackPrompts
     from cai.constitution import load_constitution
-    from cai.feedback import FeedbackPrompts
 
     constitution = load_constitution(OmegaConf.create({"source": "builtin"}))
     principles = constitution.feedback

@@ -56,7 +56,7 @@ def test_main_command_on_the_embedded_model(tmp_path: Path):
     assert [row["built"] for row in json.loads(summaries[-1].read_text())] == [False] * 8
     labels = (Path(summary[3]["path"]) / "labels.jsonl").read_text().splitlines()
     assert len(labels) == 3  # one soft label per red-team and helpfulness prompt
-    from cai.modules.pm import PreferenceModel
+    from cai.preference import PreferenceModel
 
     pm = PreferenceModel.load(Path(summary[4]["path"]) / "model")
     assert len(pm.score(["\n\nHuman: hi\n\nAssistant: hello"])) == 1

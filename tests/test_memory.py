@@ -254,7 +254,7 @@ def test_a_stage_process_error_is_raised_here_and_a_killed_one_is_named():
 def test_judge_weights_setting_is_checked_before_any_work():
     from cai.config import compose
     from cai.errors import ConfigError
-    from cai.eval.judges import check_settings
+    from cai.stages.judge import check_settings
 
     check_settings(compose(["judge.weights=float32"]))
     with pytest.raises(ConfigError, match="judge.weights='half': use auto or float32"):

@@ -8,7 +8,8 @@ from omegaconf import open_dict
 from cai import pipeline
 from cai.artifacts import ArtifactStore, PartWriter
 from cai.errors import ArtifactError
-from cai.pipeline import Stage, artifact_key
+from cai.pipeline import artifact_key
+from cai.stages.base import Stage
 
 
 class Killed(RuntimeError):
@@ -151,3 +152,54 @@ def test_unwritable_artifact_dir_names_the_path(toy_cfg, tmp_path):
     toy_cfg.paths.artifact_dir = str(blocker / "artifacts")
     with pytest.raises(ArtifactError, match="a_file"):
         pipeline.run(toy_cfg)
+
+
+def test_plan_lists_every_instance_and_runs_nothing(make_cfg, tmp_path, capsys):
+    """pipeline.plan=true: the run's stages and each RL variant's own chain, in build order,
+    with keys; instances a variant shares with the run appear once; nothing is built."""
+    cfg = make_cfg(
+        "model=tiny",
+        "eval.models=[helpful,sl_cai,rl_cai,helpful_rlhf]",
+        "pipeline.plan=true",
+    )
+    assert pipeline.run(cfg) == {}
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split()[:3] == ["stage", "action", "key"]
+    labels = [line.split()[0] for line in lines[1:]]
+    assert labels == [
+        "generate_sl",
+        "sft",
+        "generate_pairs",
+        "feedback",
+        "pm",
+        "ppo",
+        "judge",
+        "pm[helpful_rlhf]",  # pm.harmlessness=none: its own PM and PPO; the rest shared
+        "ppo[helpful_rlhf]",
+        "eval",
+    ]
+    assert all(line.split()[1] == "build" for line in lines[1:])
+    keys = {line.split()[0]: line.split()[2] for line in lines[1:]}
+    assert keys["sft"] == artifact_key(cfg, "sft")
+    assert keys["eval"] == artifact_key(cfg, "eval")
+    assert not (tmp_path / "outputs" / "artifacts").exists() or not any(
+        (tmp_path / "outputs" / "artifacts").rglob("manifest.json")
+    )
+
+
+def test_plan_says_reuse_for_built_artifacts(make_cfg, capsys):
+    cfg = make_cfg("model=tiny", "data.max_red_team=4", "data.max_helpful=2",
+                   "sl.max_answer_tokens=4", "sl.max_critique_tokens=4",
+                   "sl.max_revision_tokens=4", "sl.generate_revisions=1",
+                   "pipeline.stages=[generate_sl]")  # fmt: skip
+    pipeline.run(cfg)
+    capsys.readouterr()
+    cfg.pipeline.plan = True
+    cfg.pipeline.stages = ["generate_sl", "sft"]
+    pipeline.run(cfg)
+    actions = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()}
+    assert actions["generate_sl"] == "reuse" and actions["sft"] == "build"
+    cfg.pipeline.stages = ["sft"]  # generate_sl only read: listed as such
+    pipeline.run(cfg)
+    actions = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()}
+    assert actions["generate_sl"] == "read" and actions["sft"] == "build"

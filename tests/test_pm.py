@@ -8,19 +8,17 @@ import pytest
 import torch
 from conftest import TINY_STAGES
 
+from cai.comparisons import Comparison, answer_turns
 from cai.errors import ConfigError
 from cai.modules.pm import (
-    Comparison,
     EncodedPair,
     PairDataModule,
     PMModule,
-    PreferenceModel,
-    answer_turns,
     clean,
     init_preference_model,
-    pair_metrics,
     soft_preference_loss,
 )
+from cai.preference import PreferenceModel, pair_metrics
 
 
 def test_soft_label_loss_by_hand():
@@ -251,7 +249,9 @@ def test_pm_with_nothing_to_train_on_is_an_error(make_cfg, data_dir):
 def test_packed_answers_score_as_separate_forward_passes(tiny_pm):
     """Dialogues that differ only in their last turn share one packed row (their context
     encoded once); every score equals a plain forward pass over that dialogue alone."""
-    from cai.modules.pm import rewards, shared_context_rows, transcript_turns
+    from cai.comparisons import transcript_turns
+    from cai.modules.pm import rewards
+    from cai.preference import shared_context_rows
 
     model, tokenizer = tiny_pm
     scorer = PreferenceModel(

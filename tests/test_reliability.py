@@ -58,10 +58,12 @@ def test_an_artifact_changed_after_it_was_written_is_not_reused(tmp_path, edit):
 
 
 def test_force_takes_a_list_of_stages(tmp_path):
-    from cai.pipeline import forced
+    from cai.pipeline import forced, plan
 
-    cfg = cfg_in(tmp_path, "pipeline.force=[sft,pm]")
-    assert forced(cfg, "sft") and not forced(cfg, "generate_sl")
+    cfg = cfg_in(tmp_path, "model=tiny", "pipeline.force=[sft,pm]")
+    by_label = {i.label: i for i in plan(cfg)[0]}
+    assert forced(by_label["sft"]) and forced(by_label["pm"])
+    assert not forced(by_label["generate_sl"])
     with pytest.raises(ConfigError, match="Unknown stage 'sfft'"):
         run(cfg_in(tmp_path, *SL, "pipeline.force=[sfft]"))
 
@@ -316,7 +318,7 @@ def test_a_hundred_thousand_principles_load_quickly(tmp_path):
 
 
 def test_control_tokens_in_prompts_stay_text(tmp_path):
-    from cai.critique import load_inputs
+    from cai.inputs import load_inputs
     from cai.models import load_tokenizer
     from cai.prompting import answer_prompt
 

@@ -195,6 +195,14 @@ class ArtifactStore:
         self.check_files(stage, folder, manifest)
         return Artifact(stage, key, folder, manifest)
 
+    def finished(self, stage: str, key: str) -> bool:
+        """Whether a complete manifest is there (files not checked: for plans and listings)."""
+        try:
+            manifest = json.loads((self.folder(stage, key) / MANIFEST).read_text())
+        except (OSError, ValueError):
+            return False
+        return manifest.get("key") == key and manifest.get("status") == "complete"
+
     def check_files(self, stage: str, folder: Path, manifest: dict) -> None:
         """Raise when a file differs from what the stage wrote (missing, another size, or, with
         verify=sha256, other bytes): an edited or truncated artifact is never reused."""

@@ -18,7 +18,12 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from cai.analysis.figures import make_figures
 from cai.config import CONF_DIR
+from cai.errors import CAIError
+from cai.eval.joint import joint_rows
+from cai.pipeline import run_from_config
+from cai.results import write_rows
 
 log = logging.getLogger("cai")
 
@@ -27,9 +32,6 @@ log = logging.getLogger("cai")
 def train(cfg: DictConfig) -> None:
     """Compose the Hydra config (conf/, shipped in the package), then run the pipeline, each
     stage in a process of its own (`pipeline.isolate_stages`): nothing has run torch here."""
-    from cai.errors import CAIError
-    from cai.pipeline import run_from_config
-
     try:
         run_from_config(cfg, stage_processes=True)
     except CAIError as error:  # one clear message, no traceback
@@ -42,9 +44,6 @@ def figures(argv: list[str] | None = None) -> int:
     """Gather every result row and redraw the paper's figures from that table alone (no
     model). Folders default to results/ and paper_figures/ under $CAI_ROOT (the checkout when
     run as src/make_figures.py; else the current folder)."""
-    from cai.analysis.figures import make_figures
-    from cai.errors import CAIError
-
     root = Path(os.environ.get("CAI_ROOT", "."))
     parser = argparse.ArgumentParser(
         prog="cai-figures",
@@ -63,9 +62,6 @@ def figures(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.joint:
-        from cai.eval.joint import joint_rows
-        from cai.results import write_rows
-
         try:
             rows = joint_rows(args.extra, bootstrap=args.bootstrap)
         except CAIError as error:

@@ -9,6 +9,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cai.errors import ConfigError
@@ -89,10 +92,6 @@ def compose(overrides: list[str] | None = None, config_name: str = "config") -> 
     The `hydra:` resolver is unavailable outside a Hydra run, so `hydra.runtime.output_dir`
     is filled in with a folder under paths.output_dir.
     """
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-
     if CONF_DIR != _PACKAGED_CONF:  # a checkout: its outputs/ and results/
         os.environ.setdefault("CAI_ROOT", str(REPO_ROOT))
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

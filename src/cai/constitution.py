@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig
 
+from cai.artifacts import write_text_atomic
 from cai.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -319,8 +320,6 @@ def paper_prompt_dir(cfg: DictConfig, data_dir: str | None, cache_dir: str | Non
 
 
 def _download_paper_files(url: str, folder: Path) -> None:
-    from cai.artifacts import write_text_atomic
-
     for name in PAPER_FILES.values():
         with urllib.request.urlopen(f"{url}/{name}", timeout=10) as response:
             write_text_atomic(folder / name, response.read().decode("utf-8"))

@@ -9,19 +9,17 @@ plain answers each (paper: 2). Every step is kept, so SL-CAI-n for any n comes f
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
-from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
+import datasets
+from omegaconf import DictConfig
 
-from cai.artifacts import Artifact, PartWriter, write_jsonl_atomic
-from cai.constitution import Constitution, Principle, load_constitution
-from cai.data import Prompt, load_prompts
+from cai.artifacts import Artifact
+from cai.constitution import Principle
+from cai.data import Prompt
 from cai.errors import ConfigError
-from cai.generation import GenerationEngine, Request, build_engine
+from cai.generation import GenerationEngine, Request, request_seed
 from cai.prompting import SLPrompts
 
 log = logging.getLogger(__name__)
@@ -32,12 +30,6 @@ def sample_principles(seed: int, prompt_id: str, rounds: int, num_principles: in
     reproducible from (seed, prompt id) alone (paper section 3.1: "randomly sampled")."""
     rng = random.Random(f"{seed}:{prompt_id}")
     return [rng.randrange(num_principles) for _ in range(rounds)]
-
-
-def request_seed(seed: int, *parts) -> int:
-    """A sampling seed for one generation request, stable across batching and resumes."""
-    text = ":".join(str(p) for p in (seed, *parts))
-    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
 
 
 def sl_request(
@@ -180,111 +172,17 @@ def helpful_samples(
     ]
 
 
-# ---------------------------------------------------------------------------------------------
-# The pipeline stage
-
-
-def stage_inputs(cfg: DictConfig) -> dict:
-    """Content fingerprints added to the artifact key: editing the constitution or prompt files
-    changes the key even when the config does not."""
-    constitution, prompts = load_inputs(cfg)
-    return {"constitution": constitution.fingerprint(), "prompts": prompts.fingerprint()}
-
-
-_INPUTS: dict[str, tuple] = {}  # loaded once per process and config (keys are computed often)
-
-
-def load_inputs(cfg: DictConfig) -> tuple[Constitution, object]:
-    key = OmegaConf.to_yaml(
-        OmegaConf.create({"c": cfg.constitution, "d": cfg.data, "p": cfg.paths})
-    )
-    if key not in _INPUTS:
-        constitution = load_constitution(cfg.constitution, cfg.paths.data_dir, cfg.paths.cache_dir)
-        _INPUTS[key] = (constitution, load_prompts(cfg.data, cfg.paths.data_dir))
-    return _INPUTS[key]
-
-
-def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) -> dict:
-    """generate_sl: write red_team.jsonl and helpful.jsonl (train split) into `work_dir`."""
-    sl = cfg.sl
-    if int(sl.generate_revisions) < 0:
-        raise ConfigError(f"sl.generate_revisions={sl.generate_revisions} must be >= 0.")
-    constitution, prompt_set = load_inputs(cfg)
-    principles = constitution.principles(sl.get("principle_ids"), sl.get("num_principles"))
-    train = prompt_set.split("train")
-    engine = build_engine(cfg.generation, cfg.model, cfg.paths.cache_dir)
-    builder = SLPrompts(
-        constitution,
-        engine_tokenizer(engine, cfg),
-        cfg.model.prompt_format,
-        critique=bool(sl.critique),
-        num_fewshot=sl.get("num_fewshot"),
-    )
-    red, skipped_red = _fits_context(train.red_team, builder, cfg, principles)
-    helpful, skipped_helpful = _fits_context(train.helpful, builder, cfg, principles)
-    chunk = int(sl.chunk_size)
-    red_parts, helpful_parts = (
-        PartWriter(work_dir / "parts_red_team"),
-        PartWriter(work_dir / "parts_helpful"),
-    )
-    chunks = [("red_team", i) for i in range(0, len(red), chunk)] + [
-        ("helpful", i) for i in range(0, len(helpful), chunk)
-    ]
-    resumed = sum(
-        (red_parts if kind == "red_team" else helpful_parts).done(i // chunk) for kind, i in chunks
-    )
-    if resumed:
-        log.info("Resuming generate_sl: %d of %d chunks already finished.", resumed, len(chunks))
-    for kind, start in tqdm(chunks, desc="generate_sl chunks", unit="chunk"):
-        parts = red_parts if kind == "red_team" else helpful_parts
-        if parts.done(start // chunk):
-            continue
-        if kind == "red_team":
-            records = critique_revision_chain(
-                engine, red[start : start + chunk], builder, principles, sl, int(cfg.seed)
-            )
-        else:
-            records = helpful_samples(
-                engine, helpful[start : start + chunk], builder, sl, int(cfg.seed)
-            )
-        parts.write(start // chunk, records)
-    red_records, helpful_records = red_parts.read_all(), helpful_parts.read_all()
-    write_jsonl_atomic(work_dir / "red_team.jsonl", red_records)
-    write_jsonl_atomic(work_dir / "helpful.jsonl", helpful_records)
-    _remove_parts(work_dir)
-    revisions = [r for rec in red_records for r in rec["revisions"]]
-    return {
-        "red_team_prompts": len(red_records),
-        "helpful_prompts": len(helpful_records),
-        "revisions_per_prompt": int(sl.generate_revisions),
-        "skipped_too_long": {"red_team": skipped_red, "helpful": skipped_helpful},
-        "prompt_counts": prompt_set.counts,
-        "empty_revisions": sum(r["empty_revision"] for r in revisions),
-        "mean_initial_tokens": _mean([r["initial_tokens"] for r in red_records]),
-        "mean_critique_tokens": _mean([r["critique_tokens"] for r in revisions]),
-        "mean_revision_tokens": _mean([r["revision_tokens"] for r in revisions]),
-        "resumed_chunks": resumed,
-        "engine": getattr(engine, "stats", {}),
-        "few_shot_prefix_chars": len(builder.prefix),
-    }
-
-
-def engine_tokenizer(engine: GenerationEngine, cfg: DictConfig):
-    tokenizer = getattr(engine, "tokenizer", None)
-    if tokenizer is None:
-        from cai.models import load_tokenizer
-
-        tokenizer = load_tokenizer(cfg.model, cfg.paths.cache_dir)
-    return tokenizer
-
-
-def _fits_context(
-    prompts: list[Prompt], builder: SLPrompts, cfg: DictConfig, principles: tuple = ()
+def fits_context(
+    prompts: list[Prompt],
+    builder: SLPrompts,
+    sl: DictConfig,
+    max_context: int,
+    principles: tuple = (),
 ) -> tuple[list[Prompt], int]:
     """Keep prompts whose longest request (few-shot prefix, conversation, the longest
     principle's critique and revision requests, and the token budget) fits the model's context;
     count the rest. A principle that alone leaves no room is an error before any work."""
-    sl, tokenizer = cfg.sl, builder.tokenizer
+    tokenizer = builder.tokenizer
     prefix_tokens = len(tokenizer(builder.prefix).input_ids) if builder.prefix else 0
     lengths = {
         p.id: len(tokenizer(p.critique).input_ids) + len(tokenizer(p.revision).input_ids)
@@ -297,10 +195,10 @@ def _fits_context(
         + int(sl.max_revision_tokens)
         + longest_principle
     )
-    if prefix_tokens + budget >= int(cfg.model.max_context):
+    if prefix_tokens + budget >= max_context:
         longest = max(lengths, key=lengths.get) if lengths else "(none)"
         raise ConfigError(
-            f"No prompt can fit model.max_context={cfg.model.max_context} tokens: the few-shot "
+            f"No prompt can fit model.max_context={max_context} tokens: the few-shot "
             f"prefix takes {prefix_tokens}, the longest principle ({longest!r}) "
             f"{longest_principle}, and the answer, critique and revision budgets "
             f"{budget - longest_principle}. Shorten the principle, lower sl.num_fewshot or the "
@@ -309,33 +207,20 @@ def _fits_context(
     keep = [
         p
         for p in prompts
-        if prefix_tokens + len(tokenizer(p.text).input_ids) + budget <= int(cfg.model.max_context)
+        if prefix_tokens + len(tokenizer(p.text).input_ids) + budget <= max_context
     ]
     skipped = len(prompts) - len(keep)
     if skipped:
         log.warning(
             "Skipped %d prompts longer than the model's context (%d tokens).",
             skipped,
-            cfg.model.max_context,
+            max_context,
         )
     return keep, skipped
 
 
-def _remove_parts(work_dir: Path) -> None:
-    import shutil
-
-    for folder in ("parts_red_team", "parts_helpful"):
-        shutil.rmtree(work_dir / folder, ignore_errors=True)
-
-
-def _mean(values: list[float]) -> float:
-    return round(sum(values) / len(values), 2) if values else 0.0
-
-
 def load_sl_dataset(artifact: Artifact, kind: str = "red_team"):
     """The SL data as a `datasets.Dataset` (kind: red_team or helpful)."""
-    import datasets
-
     return datasets.load_dataset(
         "json", data_files=str(artifact.file(f"{kind}.jsonl")), split="train"
     )

@@ -17,18 +17,20 @@ Duplicates are dropped and counted; limits apply after a seeded shuffle of the t
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import datasets
 import yaml
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from cai import models
 from cai.constitution import parse_turns, safe_yaml
 from cai.errors import ConfigError
-from cai.models import hub_reachable
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +113,6 @@ def load_prompts(cfg: DictConfig, data_dir: str | None = None) -> PromptSet:
 
 def builtin_prompts(max_red_team: int, max_helpful: int) -> PromptSet:
     """The builtin prompt set, no eval split, first n of each kind (benchmarks, notebooks)."""
-    from omegaconf import OmegaConf
-
     cfg = OmegaConf.create(
         {
             "source": "builtin",
@@ -226,8 +226,6 @@ def _from_file(path: str | None, key: str) -> list[tuple[str, str]]:
         return _from_yaml(path)
     raw = _read_text(path)
     if path.suffix == ".jsonl":
-        import json
-
         items = []
         for number, line in enumerate(raw.splitlines(), 1):
             if line.strip():
@@ -269,8 +267,6 @@ def _from_hh_rlhf(
     cfg: DictConfig, data_dir: str | None, subset: str
 ) -> list[tuple[str, str]] | None:
     """First human turn of each hh-rlhf dialogue in `subset`, or None when unavailable."""
-    import datasets
-
     folder = Path(data_dir) / "hh-rlhf" / subset if data_dir else None
     files = sorted(folder.glob("*.jsonl.gz")) if folder and folder.is_dir() else []
     try:
@@ -278,7 +274,7 @@ def _from_hh_rlhf(
             dataset = datasets.load_dataset(
                 "json", data_files=[str(f) for f in files], split="train"
             )
-        elif cfg.get("allow_download", True) and hub_reachable():
+        elif cfg.get("allow_download", True) and models.hub_reachable():
             dataset = datasets.load_dataset(cfg.hub_id, data_dir=subset, split="train")
         else:
             return None
@@ -357,8 +353,6 @@ def hh_rlhf_fingerprint(data_dir: str | None, subset: str) -> str | None:
 def hh_rlhf_comparisons(data_dir: str | None, subset: str, split: str) -> list[tuple[str, str]]:
     """(chosen, rejected) dialogue transcripts of one split of hh-rlhf `subset`
     (harmless-base, helpful-base), read through `datasets` from paths.data_dir or the hub."""
-    import datasets
-
     if split not in HH_SPLITS:
         raise ConfigError(f"hh-rlhf split {split!r}: use one of {', '.join(HH_SPLITS)}.")
     folder = Path(data_dir) / "hh-rlhf" / subset if data_dir else None
@@ -366,7 +360,7 @@ def hh_rlhf_comparisons(data_dir: str | None, subset: str, split: str) -> list[t
     try:
         if files:
             rows = datasets.load_dataset("json", data_files=[str(f) for f in files], split="train")
-        elif hub_reachable():
+        elif models.hub_reachable():
             rows = datasets.load_dataset("Anthropic/hh-rlhf", data_dir=subset, split="train")
         else:
             raise ConfigError(_hh_missing(subset, data_dir))

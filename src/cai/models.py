@@ -24,9 +24,12 @@ import time
 from pathlib import Path
 
 import torch
+from huggingface_hub import try_to_load_from_cache
 from omegaconf import DictConfig, OmegaConf
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
+from cai.config import load_model_preset
 from cai.errors import ModelUnavailable
 
 log = logging.getLogger(__name__)
@@ -57,8 +60,6 @@ def load_model(model_cfg: DictConfig, cache_dir: str | Path, dtype: str | None =
 def load_tokenizer(model_cfg: DictConfig, cache_dir: str | Path):
     """The tokenizer (with chat template) of `model_cfg`; pad token set, left padding."""
     if model_cfg.source == "random" and not model_cfg.get("path"):
-        from cai.config import load_model_preset
-
         return load_tokenizer(load_model_preset(model_cfg.tokenizer_from), cache_dir)
     tokenizer = _from_pretrained(AutoTokenizer, model_folder(model_cfg, cache_dir), model_cfg)
     if tokenizer.pad_token is None:
@@ -181,7 +182,6 @@ def _cache_is_valid(folder: Path) -> bool:
         for name, size in marker["files"].items():
             if (folder / name).stat().st_size != size:
                 return False
-        from safetensors import safe_open
 
         for name in marker["files"]:
             if name.endswith(".safetensors"):
@@ -238,8 +238,6 @@ def _build_gguf_cache(gguf_path: Path, folder: Path) -> None:
 
 def _hub_id_or_raise(model_cfg: DictConfig) -> str:
     """The hub id if it is in the local hub cache or the hub answers; else fail at once."""
-    from huggingface_hub import try_to_load_from_cache
-
     hub_id = model_cfg.hub_id
     if isinstance(try_to_load_from_cache(hub_id, "config.json"), str):
         return hub_id  # in the local hub cache

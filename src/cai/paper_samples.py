@@ -18,6 +18,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from cai import models
 from cai.data import first_human_turn, prompt_bucket
 from cai.errors import ConfigError
 
@@ -75,9 +76,7 @@ def _read(data_dir: str | None, name: str) -> list[dict]:
     if data_dir and path.is_file():
         text = path.read_text(encoding="utf-8")
     else:
-        from cai.models import hub_reachable
-
-        if not hub_reachable():
+        if not models.hub_reachable():
             raise ConfigError(
                 f"The paper's samples file {name}.jsonl was not found under paths.data_dir="
                 f"{data_dir} (expected cai-paper/samples/{name}.jsonl) and the network is not "

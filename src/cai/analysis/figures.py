@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from cai.analysis.gather import gather, gather_calibration
 from cai.artifacts import atomic_path, write_text_atomic  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -692,8 +693,6 @@ def draw_all(
 def make_figures(results_dir: str | Path, figures_dir: str | Path, extra=()) -> list[Path]:
     """Gather every result row under `results_dir` (and `extra` folders) into
     results_dir/all_results.csv, then draw every figure from that table into `figures_dir`."""
-    from cai.analysis.gather import gather, gather_calibration
-
     table = gather(results_dir, extra)
     log.info("%d result rows gathered from %s", len(table), results_dir)
     return draw_all(table, figures_dir, gather_calibration(results_dir, extra))

@@ -23,19 +23,30 @@ Files: samples.jsonl (every answer), judgements.jsonl (every pairwise judgement)
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import math
 import random
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from cai.artifacts import Artifact, PartWriter, read_jsonl, write_jsonl_atomic
+from cai.ai_feedback import FeedbackPrompts, FeedbackSettings, label_comparisons
+from cai.artifacts import Artifact, PartWriter, read_jsonl
+from cai.comparisons import Comparison, answer_turns
+from cai.config import model_cfg_for
 from cai.errors import ConfigError
-from cai.results import mean_interval
+from cai.eval.elo import Comparisons, bootstrap_elo
+from cai.eval.judges import judge_name
+from cai.eval.validation import validate_pairwise, validation_settings
+from cai.generation import Request, build_engine, engine_tokenizer, request_seed
+from cai.inputs import load_inputs
+from cai.memory import release_freed_memory
+from cai.paper_samples import load_answers
+from cai.prompting import answer_prompt
+from cai.results import boilerplate_rate, mean_interval, refusal_rate, row, wilson_interval
 
 log = logging.getLogger(__name__)
 
@@ -59,76 +70,14 @@ class Point:
     cot: bool | None = None
 
 
-def variant_config(cfg: DictConfig, overrides) -> DictConfig:
-    """`cfg` with a variant's overrides (`key=value` strings, Hydra's syntax) applied."""
-    overrides = list(overrides or [])
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"eval variant override {item!r}: write key=value.")
-    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides)) if overrides else cfg
-
-
-def check_settings(cfg: DictConfig) -> None:
-    node = cfg.eval
-    variants = node.variants
-    for name in node.models:
-        if name not in variants:
-            raise ConfigError(
-                f"eval.models names {name!r}, which eval.variants does not define. Defined: "
-                f"{', '.join(variants)}."
-            )
-        if variants[name].source not in SOURCES:
-            raise ConfigError(
-                f"eval.variants.{name}.source={variants[name].source!r}: use {', '.join(SOURCES)}."
-            )
-        variant_config(cfg, variants[name].get("overrides"))
-    if node.anchor not in node.models:
-        raise ConfigError(
-            f"eval.anchor={node.anchor!r} (the model at Elo 0) is not in eval.models="
-            f"{list(node.models)}."
-        )
-    unknown = set(node.judges) - set(JUDGES)
-    if unknown or not node.judges:
-        raise ConfigError(f"eval.judges={list(node.judges)}: choose from {', '.join(JUDGES)}.")
-    if int(node.samples_per_prompt) < 1:
-        raise ConfigError("eval.samples_per_prompt must be >= 1.")
-    from cai.config import model_cfg_for
-
-    for name, where in (node.get("extra_models") or {}).items():  # before any work
-        if str(where) not in ("policy", "sft"):
-            model_cfg_for(cfg, str(where), f"eval.extra_models.{name}", {})
-
-
-def rl_variants(cfg: DictConfig) -> dict[str, DictConfig]:
-    """{name: config with its overrides} of every RL variant in eval.models."""
-    return {
-        name: variant_config(cfg, cfg.eval.variants[name].get("overrides"))
-        for name in cfg.eval.models
-        if cfg.eval.variants[name].source == "ppo"
-    }
-
-
-def stage_inputs(cfg: DictConfig) -> dict:
-    """The keys of the RL artifacts eval compares (part of the eval artifact's key)."""
-    from cai.critique import stage_inputs as prompt_inputs
-    from cai.paper_samples import fingerprint
-    from cai.pipeline import artifact_key
-
-    keys = {name: artifact_key(v, "ppo") for name, v in rl_variants(cfg).items()}
-    return {
-        **prompt_inputs(cfg),
-        "rl_variants": keys,
-        "paper_samples": fingerprint(cfg.paths.data_dir),
-    }
-
-
 def plan_models(
-    cfg: DictConfig, upstream: dict[str, Artifact], build
+    cfg: DictConfig,
+    inputs: dict[str, Artifact],
+    variants: dict[str, tuple[DictConfig, dict[str, Artifact]]],
 ) -> tuple[list[Point], dict[str, DictConfig]]:
-    """The points to compare and {player: model config}. `build(variant_cfg)` returns a
-    variant's finished {stage: artifact} (ppo and sft built or reused)."""
-    from cai.config import model_cfg_for
-
+    """The points to compare and {player: model config}. `inputs`: the eval stage's own
+    upstream artifacts (sft); `variants`: each RL variant's config and finished artifacts
+    ({stage: artifact}, ppo and the sft it started from)."""
     players: dict[str, DictConfig] = {}
     names: dict[str, str] = {}  # model folder -> player name (one player per set of weights)
 
@@ -149,10 +98,9 @@ def plan_models(
         if variant.source == "policy":
             points.append(Point(name, player(name, cfg.model)))
         elif variant.source == "sft":
-            points.append(Point(name, player(name, sl_model(upstream)), revisions=revisions))
+            points.append(Point(name, player(name, sl_model(inputs)), revisions=revisions))
         else:
-            vcfg = variant_config(cfg, variant.get("overrides"))
-            artifacts = build(vcfg)
+            vcfg, artifacts = variants[name]
             ppo = artifacts["ppo"]
             start = model_cfg_for(vcfg, str(vcfg.ppo.init), "ppo.init", artifacts)
             common = {
@@ -172,13 +120,11 @@ def plan_models(
                     Point(name, player(f"{name}@{sequences}", model), sequences, **common)
                 )
     for name, where in (cfg.eval.get("extra_models") or {}).items():
-        points.append(Point(name, player(name, model_cfg_for(cfg, str(where), name, upstream))))
+        points.append(Point(name, player(name, model_cfg_for(cfg, str(where), name, inputs))))
     return points, players
 
 
 def _listed(ppo: Artifact) -> list[str]:
-    import json
-
     return json.loads(ppo.file("snapshots.json").read_text())
 
 
@@ -188,8 +134,6 @@ def _listed(ppo: Artifact) -> list[str]:
 
 def eval_prompts(cfg: DictConfig):
     """The held-out (eval split) red-team and helpfulness prompts, capped per kind."""
-    from cai.critique import load_inputs
-
     _, prompt_set = load_inputs(cfg)
     held_out = prompt_set.split("eval")
     red = held_out.red_team[: cfg.eval.max_red_team]
@@ -201,18 +145,13 @@ def eval_prompts(cfg: DictConfig):
 
 def sample_answers(cfg: DictConfig, players: dict[str, DictConfig], prompts, work_dir: Path):
     """samples.jsonl records, one per (player, prompt, sample); resumable per player."""
-    from cai.critique import engine_tokenizer, request_seed
-    from cai.generation import Request, build_engine
-    from cai.memory import release_freed_memory
-    from cai.prompting import answer_prompt
-
     node = cfg.eval
     parts = PartWriter(work_dir / "sample_parts")
     for index, (name, model_cfg) in enumerate(tqdm(players.items(), desc="eval models")):
         if parts.done(index):
             continue
         engine = build_engine(cfg.generation, model_cfg, cfg.paths.cache_dir)
-        tokenizer = engine_tokenizer(engine, cfg)
+        tokenizer = engine_tokenizer(engine, model_cfg, cfg.paths.cache_dir)
         jobs = [(p, k) for p in prompts for k in range(int(node.samples_per_prompt))]
         requests = [
             Request(
@@ -295,9 +234,6 @@ class AIJudge:
     feedback stage's label records; the model loads once, on first use."""
 
     def __init__(self, cfg: DictConfig, upstream: dict[str, Artifact]):
-        from cai.config import model_cfg_for
-        from cai.feedback import FeedbackSettings
-
         node = cfg.eval.ai_feedback
         self.cfg = cfg
         self.model_cfg = model_cfg_for(cfg, str(node.model), "eval.ai_feedback.model", upstream)
@@ -308,9 +244,6 @@ class AIJudge:
         self._engine = None
 
     def label(self, comparisons: list) -> list[dict]:
-        from cai.feedback import label_comparisons
-        from cai.generation import build_engine
-
         if self._engine is None:
             cfg = self.cfg
             self._engine = build_engine(cfg.generation, self.model_cfg, cfg.paths.cache_dir)
@@ -324,8 +257,6 @@ def ai_feedback_judgements(
 ) -> list[dict]:
     """The AI feedback judge's judgement of a seeded subset of the pairs (at most
     eval.ai_feedback.max_comparisons per kind), both answer orders averaged."""
-    from cai.feedback import Comparison
-
     node = cfg.eval.ai_feedback
     answers = {(s["prompt_id"], s["sample"], s["player"]): s for s in samples}
     keys = pair_keys(samples)
@@ -337,7 +268,7 @@ def ai_feedback_judgements(
             of_kind = random.Random(f"{cfg.seed}/eval-ai-judge/{kind}").sample(of_kind, int(limit))
         chosen += sorted(of_kind)
     comparisons = [
-        Comparison(
+        Comparison.of_answers(
             f"eval/{pid}/{k}/{a}/{b}",
             answers[(pid, k, a)]["prompt"],
             (answers[(pid, k, a)]["answer"], answers[(pid, k, b)]["answer"]),
@@ -369,9 +300,6 @@ def ai_feedback_judgements(
 def ai_judge_prompts(cfg: DictConfig):
     """The AI-feedback judge's questions: the constitution's evaluation principles (disjoint
     from the feedback principles that labelled the PM) and the evaluation helpfulness question."""
-    from cai.critique import load_inputs
-    from cai.feedback import FeedbackPrompts
-
     constitution, _ = load_inputs(cfg)
     return FeedbackPrompts(
         constitution,
@@ -384,9 +312,6 @@ def ai_judge_prompts(cfg: DictConfig):
 def ai_judge_independence(cfg: DictConfig, upstream: dict[str, Artifact]) -> dict:
     """Whether the AI-feedback judge is independent of the PM that trained the RL models it
     judges: no shared principles, a different helpfulness question, a different model."""
-    from cai.config import model_cfg_for
-    from cai.critique import load_inputs
-
     constitution, _ = load_inputs(cfg)
     node = cfg.eval.ai_feedback
 
@@ -410,10 +335,6 @@ def ai_judge_independence(cfg: DictConfig, upstream: dict[str, Artifact]) -> dic
 def validate_ai_judge(cfg: DictConfig, judge: AIJudge):
     """The AI-feedback judge's agreement with the paper's PM on held-out PALMS prompts (rows,
     summary); without the paper's samples, a warning and an `unvalidated` summary."""
-    from cai.eval.validation import validate_pairwise, validation_settings
-    from cai.feedback import Comparison
-    from cai.paper_samples import load_answers
-
     try:
         answers = load_answers(cfg.paths.data_dir, "test")
     except ConfigError as error:
@@ -422,7 +343,7 @@ def validate_ai_judge(cfg: DictConfig, judge: AIJudge):
 
     def p_a(pairs):
         comparisons = [
-            Comparison(f"palms/{i}", p, (a, b), "red_team") for i, (p, a, b) in enumerate(pairs)
+            Comparison.of_answers(f"palms/{i}", p, (a, b)) for i, (p, a, b) in enumerate(pairs)
         ]
         return [label["p_a"] for label in judge.label(comparisons)]
 
@@ -437,8 +358,6 @@ def validate_ai_judge(cfg: DictConfig, judge: AIJudge):
 
 def point_row(cfg: DictConfig, point: Point, **fields) -> dict:
     """A result row about one point (model) of a series."""
-    from cai.results import row
-
     return row(
         stage="eval",
         model=cfg.model.name,
@@ -469,8 +388,6 @@ def elo_rows(
     `trust`: {judge: {"flag": .., "independent": ..}}: each row carries its judge's validation
     flag (at_chance, below_chance, unvalidated) and independence; a player that never loses a
     judgement is flagged never_loses."""
-    from cai.eval.elo import Comparisons, bootstrap_elo
-
     trust = trust or {}
     players = list(dict.fromkeys(p.player for p in points))
     index = {name: i for i, name in enumerate(players)}
@@ -524,8 +441,6 @@ def model_rows(
 ) -> list[dict]:
     """Per point and prompt kind: mean PM score per judge (and their sum, the HH score, as in
     Figure 5), refusal or evasion rate, boilerplate rate, answer length."""
-    from cai.results import phrase_rate, wilson_interval
-
     scores = with_hh_score(scores)
     rows = []
     for point in points:
@@ -538,11 +453,11 @@ def model_rows(
             if not mine:
                 continue
             answers = [samples[i]["answer"] for i in mine]
-            for metric, phrases in (
-                ("refusal_rate", cfg.eval.refusal_phrases),
-                ("boilerplate_rate", cfg.eval.boilerplate_phrases),
+            for metric, rate_of in (
+                ("refusal_rate", refusal_rate),
+                ("boilerplate_rate", boilerplate_rate),
             ):
-                rate = phrase_rate(answers, phrases)
+                rate = rate_of(answers)
                 low, high = wilson_interval(rate * len(mine), len(mine))
                 rows.append(
                     point_row(
@@ -626,9 +541,6 @@ def revision_rows(
 ) -> list[dict]:
     """Figure 5: mean PM score of the initial answer (0) and of each revision n of the SL data's
     red-team prompts (the first eval.max_revision_prompts), per judge and for their sum."""
-    from cai.eval.judges import judge_name
-    from cai.modules.pm import answer_turns
-
     records = read_jsonl(sl_artifact.file("red_team.jsonl"))[: cfg.eval.max_revision_prompts]
     if not records:
         return []
@@ -664,80 +576,3 @@ def revision_rows(
                 )
             )
     return rows
-
-
-# ---------------------------------------------------------------------------------------------
-# 5. The pipeline stage
-
-
-def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) -> dict:
-    """eval: samples.jsonl, judgements.jsonl and the result rows (Elo, PM scores, rates)."""
-    from cai.eval.judges import judge_name, load_judges, load_validation
-    from cai.modules.pm import answer_turns
-    from cai.pipeline import build_with_upstream
-    from cai.results import write_rows
-
-    check_settings(cfg)
-    node = cfg.eval
-    points, players = plan_models(cfg, upstream, lambda v: build_with_upstream(v, "ppo"))
-    prompts = eval_prompts(cfg)
-    log.info("eval: %d models (%d distinct), %d prompts", len(points), len(players), len(prompts))
-    samples = sample_answers(cfg, players, prompts, work_dir)
-    # PM judges score every answer; their pairwise judgements cover their own dimension
-    scores: dict[str, list[float]] = {}
-    judgements: list[dict] = []
-    pm_judges = load_judges(upstream["judge"]) if "pm" in node.judges else {}
-    judge_trust = load_validation(upstream["judge"])
-    validation = {name: judge_trust.get(name, {}) for name in map(judge_name, pm_judges)}
-    dialogues = [answer_turns(s["prompt"], s["answer"]) for s in samples]
-    for dimension, judge in pm_judges.items():
-        name = judge_name(dimension)
-        scores[name] = judge.score(dialogues, progress=True)
-        kind = next(k for k, d in DIMENSION_OF_KIND.items() if d == dimension)
-        judgements += pm_judgements(samples, scores[name], name, kind)
-    # every answer with its PM judges' scores: a joint Elo fit across runs (cai.eval.joint)
-    # compares answers of different runs to the same prompt by these scores
-    samples = [s | {"scores": {n: v[i] for n, v in scores.items()}} for i, s in enumerate(samples)]
-    write_jsonl_atomic(work_dir / "samples.jsonl", samples)
-    trust = {name: judge_trust.get(name, {"flag": "unvalidated"}) | {"independent": True}
-             for name in scores}  # fmt: skip
-    rows = []
-    if "ai_feedback" in node.judges:
-        ai_judge = AIJudge(cfg, upstream)
-        judgements += ai_feedback_judgements(cfg, samples, ai_judge, work_dir)
-        validation_rows, ai_validation = validate_ai_judge(cfg, ai_judge)
-        independence = ai_judge_independence(cfg, upstream)
-        rows += [r | {"independent": independence["independent"]} for r in validation_rows]
-        trust["ai_feedback"] = {"flag": ai_validation.get("flag", ""), **independence}
-        validation["ai_feedback"] = ai_validation | independence
-    if not judgements:
-        raise ConfigError(
-            "eval: no judgements were made. The PM judges need their data (paths.data_dir); "
-            "or add ai_feedback to eval.judges."
-        )
-    write_jsonl_atomic(work_dir / "judgements.jsonl", judgements)
-    rows += elo_rows(cfg, points, judgements, trust)
-    rows += model_rows(cfg, points, samples, scores, trust)
-    rows += revision_rows(cfg, upstream["generate_sl"], pm_judges, trust) if pm_judges else []
-    write_rows(work_dir / "rows.csv", rows)
-    for folder in ("sample_parts", "judge_parts"):
-        shutil.rmtree(work_dir / folder, ignore_errors=True)
-    elo = {
-        f"{r['judge']}/{r['eval']}/{r['method']}"
-        + (f"@{r['rl_sequences']}" if r["rl_sequences"] is not None else ""): round(r["value"], 1)
-        for r in rows
-        if r["metric"] == "elo"
-    }
-    return {
-        "models": [p.__dict__ for p in points],
-        "players": list(players),
-        "prompts": {k: sum(p.kind == k for p in prompts) for k in DIMENSION_OF_KIND},
-        "samples": len(samples),
-        "judgements": {
-            j: sum(x["judge"] == j for x in judgements) for j in {x["judge"] for x in judgements}
-        },
-        "pm_judges": sorted(scores),
-        "judge_key": upstream["judge"].key,
-        "validation": validation,
-        "elo": elo,
-    }

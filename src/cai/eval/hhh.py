@@ -17,19 +17,14 @@ the reliability table (paper Figure 9) to calibration.csv.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import random
-from pathlib import Path
 
-from omegaconf import DictConfig
-
-from cai.artifacts import Artifact, read_jsonl, write_jsonl_atomic
-from cai.errors import ConfigError
-from cai.generation.base import GenerationEngine, Request, ScoreRequest
-from cai.paper_evals import MCItem, eval_path, load_eval
-from cai.results import calibration
+from cai.ai_feedback import REASONING_STOPS, FeedbackPrompts
+from cai.generation.base import GenerationEngine, Request, ScoreRequest, request_seed
+from cai.paper_evals import MCItem
+from cai.results import calibration, row, wilson_interval
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +87,6 @@ def score_items(
     seed: int = 0,
 ) -> list[dict]:
     """Per item and method: option probabilities, the choice, and (CoT) the reasoning."""
-    from cai.critique import request_seed
-    from cai.feedback import REASONING_STOPS, FeedbackPrompts
-
     records = []
     if "zero_shot" in methods:
         scores = engine.score(
@@ -156,31 +148,12 @@ def _record(item: MCItem, method: str, probs: list[float], **extra) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. The pipeline stage
-
-
-def check_settings(cfg: DictConfig) -> None:
-    unknown = {str(m) for m in cfg.eval_hhh.methods} - set(METHODS)
-    if unknown:
-        raise ConfigError(f"eval_hhh.methods: unknown {sorted(unknown)}; known: {METHODS}.")
-    for name in cfg.eval_hhh.evals:
-        eval_path(str(name), cfg.paths.data_dir)
-
-
-def stage_inputs(cfg: DictConfig) -> dict:
-    """Fingerprints of the eval files read (part of the artifact key)."""
-    fingerprints = {}
-    for name in cfg.eval_hhh.evals:
-        path = eval_path(str(name), cfg.paths.data_dir)
-        fingerprints[str(name)] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    return fingerprints
+# 4. Summaries
 
 
 def summarise(records: list[dict], common: dict, bins: int = 10) -> tuple[list[dict], list[dict]]:
     """Result rows (accuracy with a Wilson interval, ECE) per eval and method, and the
     reliability table, from the per-item records of `score_items` (each with an "eval" key)."""
-    from cai.results import row, wilson_interval
-
     rows, reliability = [], []
     for name in dict.fromkeys(r["eval"] for r in records):
         for method in METHODS:
@@ -199,70 +172,3 @@ def summarise(records: list[dict], common: dict, bins: int = 10) -> tuple[list[d
             rows.append(row(**here, metric="ece", value=ece))
             reliability += [{"eval": name, "method": method, **b} for b in table]
     return rows, reliability
-
-
-def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) -> dict:
-    """eval_hhh: items.jsonl per eval and method, rows.csv (accuracy, ECE), calibration.csv."""
-    from cai.config import model_cfg_for
-    from cai.critique import load_inputs
-    from cai.feedback import FeedbackPrompts
-    from cai.generation import build_engine
-    from cai.models import count_parameters
-    from cai.results import write_csv, write_rows
-
-    ev = cfg.eval_hhh
-    check_settings(cfg)
-    methods = [str(m) for m in ev.methods]
-    model_cfg = model_cfg_for(cfg, str(ev.model), "eval_hhh.model", upstream)
-    constitution, _ = load_inputs(cfg)
-    cot_prefix = FeedbackPrompts(constitution).cot_prefix
-    engine = build_engine(cfg.generation, model_cfg, cfg.paths.cache_dir)
-    parameters = (
-        count_parameters(engine.model) if hasattr(engine, "model") else model_cfg.get("params")
-    )
-    records = []
-    for name in [str(e) for e in ev.evals]:
-        items = shuffled(load_eval(name, cfg.paths.data_dir), int(cfg.seed))
-        if ev.max_items is not None:
-            items = items[: int(ev.max_items)]
-        done = work_dir / f"items_{name}.jsonl"  # one finished file per eval: resumable
-        if done.is_file():
-            records += read_jsonl(done)
-            continue
-        mine = score_items(engine, items, [m for m in methods if m == "zero_shot"])
-        cot_methods = [m for m in methods if m != "zero_shot"]
-        if cot_methods and name in ev.cot_evals:
-            cot_items = items if ev.cot_max_items is None else items[: int(ev.cot_max_items)]
-            mine += score_items(
-                engine,
-                cot_items,
-                cot_methods,
-                cot_prefix,
-                int(ev.cot_samples),
-                int(ev.cot_max_tokens),
-                float(ev.cot_temperature),
-                int(cfg.seed),
-            )
-        for r in mine:
-            r["eval"] = name
-        write_jsonl_atomic(done, mine)
-        records += mine
-    common = {"stage": "eval_hhh", "model": model_cfg.name, "parameters": parameters}
-    rows, reliability = summarise(records, common, int(ev.calibration_bins))
-    write_rows(work_dir / "rows.csv", rows)
-    write_csv(
-        work_dir / "calibration.csv",
-        reliability,
-        ["eval", "method", "low", "high", "n", "confidence", "accuracy"],
-    )
-    return {
-        "model": model_cfg.name,
-        "parameters": parameters,
-        "accuracy": {
-            f"{r['eval']}/{r['method']}": round(r["value"], 4)
-            for r in rows
-            if r["metric"] == "accuracy"
-        },
-        "n": {f"{r['eval']}/{r['method']}": r["n"] for r in rows if r["metric"] == "accuracy"},
-        "engine": getattr(engine, "stats", {}),
-    }

@@ -20,6 +20,9 @@ from pathlib import Path
 
 from cai.artifacts import read_jsonl
 from cai.errors import ConfigError
+from cai.eval.elo import Comparisons, bootstrap_elo
+from cai.eval.validation import trust_flag
+from cai.results import row
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +94,6 @@ def _dimension(judge: str) -> str:
 def joint_rows(folders: list[str | Path], bootstrap: int = 1000, seed: int = 0) -> list[dict]:
     """Result rows (stage `joint`, metric `elo`) of one fit per PM judge over every eval
     artifact under `folders`; the anchor is the SL-CAI of the largest model."""
-    from cai.eval.elo import Comparisons, bootstrap_elo
-    from cai.eval.validation import trust_flag
-    from cai.results import row
-
     paths = eval_artifacts(folders)
     if not paths:
         raise ConfigError(

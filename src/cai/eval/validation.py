@@ -16,11 +16,14 @@ Scorers are functions, so any judge fits: a PM (`score(dialogues)`), or a pairwi
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cai.paper_samples import PaperAnswer, PaperChain
+from cai.errors import ConfigError
+from cai.paper_samples import PaperAnswer, PaperChain, load_answers, load_chains
+from cai.results import mean_interval, row
 
 PAPER_JUDGE = "paper_pm_52b"  # the judge name of the paper's own PM scores in result rows
 
@@ -125,8 +128,6 @@ def _summary(estimate: tuple, prompts: int) -> dict:
 
 
 def _agreement_row(common: dict, name: str, estimate: tuple) -> dict:
-    from cai.results import row
-
     value, low, high, pairs = estimate
     return row(
         **common,
@@ -152,7 +153,6 @@ def validate_scorer(
 ) -> tuple[list[dict], dict]:
     """Rows and a summary for a judge that scores single answers (a PM). `score(dialogues)`:
     one number per [{"role": "user", ..}, {"role": "assistant", ..}] dialogue."""
-    from cai.results import mean_interval, row
 
     def dialogue(prompt: str, answer: str) -> list[dict]:
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
@@ -243,11 +243,6 @@ def validate_pm(scorer, cfg, common: dict) -> tuple[list[dict], dict]:
     """A preference model's validation on the held-out PALMS prompts: rows and a summary.
     `common`: the rows' stage, model, parameters and judge (the name it goes by). Without the
     paper's samples: a warning, no rows, and a summary saying `unvalidated`."""
-    import logging
-
-    from cai.errors import ConfigError
-    from cai.paper_samples import load_answers, load_chains
-
     try:
         answers = load_answers(cfg.paths.data_dir, "test")
         chains = load_chains(cfg.paths.data_dir, "test")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from omegaconf import DictConfig
 
 from cai.errors import ConfigError
@@ -11,13 +12,15 @@ from cai.generation.base import (
     OptionScores,
     Request,
     ScoreRequest,
+    request_seed,
 )
+from cai.generation.hf import HFEngine
+from cai.generation.vllm import VLLMEngine, require_vllm
+from cai.models import load_model, load_tokenizer, model_folder
 
 
 def resolve_device(name: str) -> str:
     """`generation.device`: auto = the first CUDA GPU when there is one, else the CPU."""
-    import torch
-
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -33,11 +36,7 @@ def build_engine(
     model: an already loaded model of `model_cfg` (e.g. the policy PPO trains); the hf engine
     generates with it as it is (shared weights, its dtype and device), vLLM loads its own copy
     from the folder and takes new weights through `update_weights`."""
-    from cai.models import load_model, load_tokenizer, model_folder
-
     if gen_cfg.backend == "hf":
-        from cai.generation.hf import HFEngine
-
         if model is not None:
             tokenizer = load_tokenizer(model_cfg, cache_dir)
         else:
@@ -52,8 +51,6 @@ def build_engine(
             progress=bool(gen_cfg.progress),
         )
     if gen_cfg.backend == "vllm":
-        from cai.generation.vllm import VLLMEngine, require_vllm
-
         require_vllm()
         if model_cfg.source == "random" and not model_cfg.get("path"):
             raise ConfigError(
@@ -69,6 +66,12 @@ def build_engine(
     raise ConfigError(f"generation.backend={gen_cfg.backend!r}: use hf or vllm.")
 
 
+def engine_tokenizer(engine: GenerationEngine, model_cfg: DictConfig, cache_dir: str):
+    """The engine's tokenizer (vLLM's engine has none of ours: load the model's)."""
+    tokenizer = getattr(engine, "tokenizer", None)
+    return tokenizer if tokenizer is not None else load_tokenizer(model_cfg, cache_dir)
+
+
 __all__ = [
     "Generation",
     "GenerationEngine",
@@ -76,4 +79,6 @@ __all__ = [
     "Request",
     "ScoreRequest",
     "build_engine",
+    "engine_tokenizer",
+    "request_seed",
 ]

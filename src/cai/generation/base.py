@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 
@@ -64,3 +65,9 @@ class GenerationEngine:
         """Load the weights of `model` (a transformers model of the same architecture, e.g. the
         policy PPO trains) into the engine, so the next samples come from them."""
         raise NotImplementedError(f"{type(self).__name__} cannot take new weights.")
+
+
+def request_seed(seed: int, *parts) -> int:
+    """A sampling seed for one generation request, stable across batching and resumes."""
+    text = ":".join(str(p) for p in (seed, *parts))
+    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)

@@ -19,7 +19,7 @@ from cai.generation.base import (
 def require_vllm():
     """The vllm module, or one clear error saying how to install it."""
     try:
-        import vllm
+        import vllm  # optional (the vllm extra): imported only when asked for
     except ImportError as error:
         raise ConfigError(
             'generation.backend=vllm needs vLLM: `pip install -e ".[vllm]"` on a CUDA machine, '
@@ -52,7 +52,7 @@ class VLLMEngine(GenerationEngine):
         states: list | None = None,
     ) -> list[Generation]:
         # vLLM's automatic prefix caching already reuses repeated prompt prefixes.
-        from vllm import SamplingParams
+        from vllm import SamplingParams  # optional (the vllm extra)
 
         params = [
             SamplingParams(
@@ -98,7 +98,7 @@ class VLLMEngine(GenerationEngine):
         """Each option as its own prompt with `prompt_logprobs` (prefix caching shares the
         few-shot block and the context between the options); log-probabilities of the option's
         tokens summed."""
-        from vllm import SamplingParams
+        from vllm import SamplingParams  # optional (the vllm extra)
 
         tokenizer = self.llm.get_tokenizer()
         prompts, starts, counts = [], [], []

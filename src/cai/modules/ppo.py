@@ -25,13 +25,10 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from cai.artifacts import Artifact, write_json_atomic
-from cai.critique import request_seed
-from cai.errors import CAIError, ConfigError
-from cai.generation.base import Request
+from cai.errors import CAIError
+from cai.generation.base import Request, request_seed
 from cai.memory import trim_heap_if_grown
 from cai.modules.logprobs import token_logprobs
 from cai.modules.training import (
@@ -40,8 +37,7 @@ from cai.modules.training import (
     rank_and_world,
     remaining_batches,
 )
-from cai.prompting import answer_prompt
-from cai.results import phrase_rate
+from cai.results import refusal_rate
 from cai.rl.ppo_math import (
     AdaptiveKLController,
     gae,
@@ -52,8 +48,6 @@ from cai.rl.ppo_math import (
 )
 
 log = logging.getLogger(__name__)
-
-REFUSALS = ("i can't", "i cannot", "i'm sorry", "i am sorry", "i won't", "i will not", "as an ai")
 
 
 class TrainingDiverged(CAIError):
@@ -292,7 +286,7 @@ class PPOModule(pl.LightningModule):
         if self.kl is not None:
             self.kl_coef = self.kl.update(mean_kl, size)
         self.sequences += size * int(self.trainer.world_size)
-        refusal_rate = phrase_rate(rollout.answers, REFUSALS)
+        refusals = refusal_rate(rollout.answers)
         metrics = {
             "objective/kl": mean_kl,
             "objective/scores": float(scores.mean()),
@@ -305,7 +299,7 @@ class PPOModule(pl.LightningModule):
             "val/clipfrac_avg": _mean(stats["vf_clipfrac"]),
             "val/num_eos_tokens": float(sum(rollout.ended)),
             "answers/mean_tokens": float(rollout.mask.sum(1).mean()),
-            "answers/refusal_rate": refusal_rate,
+            "answers/refusal_rate": refusals,
             "train/sequences": float(self.sequences),
             "time/rollout_s": rollout_s,
             "time/score_s": score_s,
@@ -415,123 +409,3 @@ class PromptBatches(pl.LightningDataModule):
         module = self.trainer.lightning_module if self.trainer else None
         done = len(module.history) if module is not None else 0  # iterations restored
         return DataLoader(remaining_batches(batches, self.trainer, done), batch_size=None)
-
-
-# ---------------------------------------------------------------------------------------------
-# 3. The pipeline stage
-
-
-def ppo_prompts(cfg: DictConfig, tokenizer, prompt_format: str) -> list[tuple[str, str, str]]:
-    """(kind, request, policy prompt) for the train split, mixed at `ppo.prompt_mix` red-team
-    prompts per prompt (the rest helpfulness)."""
-    from cai.critique import load_inputs
-
-    _, prompt_set = load_inputs(cfg)
-    train = prompt_set.split("train")
-    red = [("red_team", p.text) for p in train.red_team]
-    helpful = [("helpful", p.text) for p in train.helpful]
-    mix = float(cfg.ppo.prompt_mix)
-    if not 0.0 <= mix <= 1.0:
-        raise ConfigError(f"ppo.prompt_mix={mix}: a fraction of red-team prompts in [0, 1].")
-    if mix < 1.0 and helpful and red:
-        wanted = round(len(red) * (1 - mix) / mix) if mix > 0 else len(helpful)
-        helpful = helpful[: max(1, wanted)]
-    chosen = (red if mix > 0 else []) + (helpful if mix < 1 else [])
-    if not chosen:
-        raise ConfigError("No PPO prompts: check data.* and ppo.prompt_mix.")
-    return [(k, t, answer_prompt(tokenizer, t, prompt_format)) for k, t in chosen]
-
-
-def check_settings(cfg: DictConfig) -> None:
-    ppo = cfg.ppo
-    if ppo.value_model not in ("head", "pm"):
-        raise ConfigError(f"ppo.value_model={ppo.value_model!r}: use head or pm.")
-    if not 0 < float(ppo.clip) < 1:
-        raise ConfigError(f"ppo.clip={ppo.clip}: use a value in (0, 1) (paper: 0.2).")
-    if int(ppo.steps) < 1 or int(ppo.batch_size) < 1:
-        raise ConfigError("ppo.steps and ppo.batch_size must be >= 1.")
-
-
-def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) -> dict:
-    """ppo: RL-CAI from SL-CAI against the PM; final policy in `work_dir/model`, snapshots in
-    `work_dir/snapshots/seq_<n>`, metrics per iteration in metrics.jsonl."""
-    from omegaconf import OmegaConf
-
-    from cai.artifacts import write_jsonl_atomic
-    from cai.config import model_cfg_for
-    from cai.generation import build_engine
-    from cai.models import load_model
-    from cai.modules.pm import PreferenceModel, answer_turns
-    from cai.modules.training import fit, is_follower, training_dtype
-
-    check_settings(cfg)
-    ppo = cfg.ppo
-    # The policy starts from SL-CAI (paper, section 4); the Helpful-RLHF and HH-RLHF baselines
-    # start from the helpful model instead (ppo.init=policy). The KL reference is the same model.
-    init_cfg = model_cfg_for(cfg, str(ppo.init), "ppo.init", upstream)
-    # bf16 weights where the trainer trains in bf16 and the hardware has it: forward and backward
-    # in bf16, fp32 master weights in the optimiser (MasterWeightAdamW); the reference and the PM
-    # in bf16 too (half the memory; the reference's log-probabilities come from the same kernels
-    # as the policy's, so the KL starts at exactly 0).
-    dtype = training_dtype(cfg.trainer)
-    policy, tokenizer = load_model(init_cfg, cfg.paths.cache_dir, dtype=dtype)
-    reference, _ = load_model(init_cfg, cfg.paths.cache_dir, dtype=dtype)
-    reference.eval()
-    from cai.generation import resolve_device
-
-    device = resolve_device(str(cfg.generation.get("device", "auto")))
-    if cfg.trainer.accelerator == "cpu":
-        device = "cpu"
-    pm = PreferenceModel.load(upstream["pm"].path / "model", dtype=dtype, device=device)
-    if ppo.activation_checkpointing:  # recompute each layer's activations in the backward pass
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if ppo.value_model == "head":
-        value = ValueHead(policy.config.hidden_size)
-    else:
-        value = PMValue(PreferenceModel.load(upstream["pm"].path / "model", dtype=dtype).model)
-        value.train()
-
-    def reward_fn(prompts: list[str], answers: list[str]) -> list[float]:
-        return pm.score([answer_turns(p, a) for p, a in zip(prompts, answers, strict=True)])
-
-    prompts = ppo_prompts(cfg, tokenizer, cfg.model.prompt_format)
-    # Rollouts come from the configured engine (generation=hf or vllm) with its own copy of the
-    # policy (bf16 where supported), given the trained weights before each rollout.
-    engine = build_engine(
-        OmegaConf.merge(cfg.generation, {"progress": False}),
-        init_cfg,
-        cfg.paths.cache_dir,
-        model=policy,  # hf: generate with the policy itself (bf16 here); vllm: its own copy
-    )
-    module = PPOModule(policy, reference, value, engine, reward_fn, tokenizer, prompts, ppo)
-    module.seed = int(cfg.seed)
-    module.snapshot_dir = work_dir / "snapshots"
-    module.snapshot_dir.mkdir(parents=True, exist_ok=True)
-    # One epoch over ppo.steps prompt batches = ppo.steps iterations; the weights' own precision
-    # (no autocast: a bf16 policy is bf16 already).
-    run_cfg = OmegaConf.merge(cfg, {"trainer": {"max_epochs": 1, "precision": "32-true"}})
-    data = PromptBatches(len(prompts), int(ppo.steps), int(ppo.batch_size), int(cfg.seed))
-    # Lightning counts optimiser steps; ppo.checkpoint_every counts iterations
-    batch = int(ppo.batch_size)
-    steps_per_iteration = int(ppo.epochs) * math.ceil(
-        batch / minibatch_size(int(ppo.minibatch_size), batch)
-    )
-    checkpoint_every = int(ppo.checkpoint_every) * steps_per_iteration
-    trained = fit(run_cfg, module, data, work_dir, -1, checkpoint_every)
-    if is_follower():  # several processes: global rank 0 saves
-        return trained
-    save_policy(policy, tokenizer, work_dir / "model", module.final_state)
-    write_jsonl_atomic(work_dir / "metrics.jsonl", module.history)
-    snapshots = sorted(  # finished snapshots only (a killed save leaves seq_<n>.tmp)
-        p.name for p in (work_dir / "snapshots").glob("seq_*") if not p.name.endswith(".tmp")
-    )
-    write_json_atomic(work_dir / "snapshots.json", snapshots)
-    return {
-        **trained,
-        "sequences": module.sequences,
-        "first": module.history[0] if module.history else {},
-        "last": module.history[-1] if module.history else {},
-        "snapshots": snapshots,
-        "prompts": {k: sum(1 for p in prompts if p[0] == k) for k in ("red_team", "helpful")},
-        "init": str(ppo.init),
-    }

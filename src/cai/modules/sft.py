@@ -13,11 +13,9 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from cai.artifacts import Artifact, read_jsonl
@@ -26,13 +24,11 @@ from cai.memory import padded_width
 from cai.modules.logprobs import token_logprobs
 from cai.modules.training import (
     TrainingModule,
-    fit,
-    is_follower,
     remaining_batches,
     row_slices,
     shard_batches,
-    training_dtype,
 )
+from cai.prompting import answer_prompt
 
 log = logging.getLogger(__name__)
 IGNORE = -100  # label of tokens that carry no loss (the prompt, padding)
@@ -61,8 +57,6 @@ def encode_example(
 
     A response cut off by the length limit (`ended=False`) gets no end token: teaching the model
     to stop where the sampler was cut off would teach it to end mid-sentence."""
-    from cai.prompting import answer_prompt
-
     prompt = answer_prompt(tokenizer, prompt_text, prompt_format)
     if prompt_format == "raw":
         response = " " + response
@@ -289,64 +283,3 @@ class SFTModule(TrainingModule):
 
 # ---------------------------------------------------------------------------------------------
 # 4. The pipeline stage
-
-
-def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) -> dict:
-    """sft: train SL-CAI-n and save it with save_pretrained in `work_dir/model`."""
-    from cai.config import model_cfg_for
-    from cai.models import load_model
-
-    sft = cfg.sft
-    init_cfg = model_cfg_for(cfg, str(sft.init), "sft.init", upstream)
-    # bf16 weights with fp32 master weights where the trainer trains in bf16 (LoRA: fp32, its
-    # adapters are merged into the fp32 model at the end)
-    dtype = "float32" if sft.lora else training_dtype(cfg.trainer)
-    model, tokenizer = load_model(init_cfg, cfg.paths.cache_dir, dtype=dtype)
-    examples, counts = sl_examples(
-        upstream["generate_sl"],
-        int(cfg.sl.num_revisions),
-        tokenizer,
-        init_cfg.prompt_format,
-        bool(sft.include_helpful),
-        int(sft.max_length),
-    )
-    train, val = split_examples(examples, float(sft.val_fraction))
-    if sft.lora:
-        model = _with_lora(model, sft)
-    model.train()
-    data = SFTDataModule(
-        train, val, int(sft.batch_size), int(sft.bucket_size), tokenizer.pad_token_id, int(cfg.seed)
-    )
-    module = SFTModule.from_config(model, sft, cfg.trainer)
-    trained = fit(cfg, module, data, work_dir, int(sft.max_steps), int(sft.checkpoint_every))
-    if is_follower():  # several processes: global rank 0 saves
-        return trained
-    final = module.model.merge_and_unload() if sft.lora else module.model
-    # fp32 master weights where it trained in bf16
-    final.save_pretrained(
-        work_dir / "model", safe_serialization=True, state_dict=module.final_state
-    )
-    tokenizer.save_pretrained(work_dir / "model")
-    return {
-        **counts,
-        "train_examples": len(train),
-        "val_examples": len(val),
-        **trained,
-        "target_revision": int(cfg.sl.num_revisions),
-        "init": str(sft.init),
-    }
-
-
-def _with_lora(model, sft: DictConfig):
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError as error:
-        raise ConfigError("sft.lora=true needs peft: pip install -e '.[lora]'.") from error
-    config = LoraConfig(
-        r=int(sft.lora_r),
-        lora_alpha=int(sft.lora_alpha),
-        lora_dropout=float(sft.lora_dropout),
-        target_modules=list(sft.lora_targets),
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, config)

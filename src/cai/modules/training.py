@@ -13,11 +13,16 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from hydra.utils import instantiate
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig
+from pytorch_lightning.callbacks import ModelCheckpoint
 
 from cai.artifacts import atomic_path
-from cai.memory import trim_heap_if_grown
+from cai.errors import ArtifactError, ConfigError
+from cai.loggers import build_loggers
+from cai.memory import release_freed_memory, trim_heap_if_grown
+from cai.models import bf16_supported
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +153,6 @@ def training_dtype(trainer_cfg: DictConfig) -> str:
     """The dtype the training stages load their weights in: bfloat16 when `trainer.precision`
     is a bf16 one and the hardware has bf16 (forward and backward in bf16, fp32 master weights
     in the optimiser: MasterWeightAdamW), else float32."""
-    from cai.models import bf16_supported
-
     if "bf16" not in str(trainer_cfg.precision):
         return "float32"
     if trainer_cfg.accelerator == "cpu" and not bf16_supported():
@@ -161,8 +164,6 @@ def is_follower() -> bool:
     """True in a process that Lightning (or Slurm, torchrun) started beside the global-zero one
     to train on several devices. Such a process takes part in every fit but writes nothing: the
     pipeline (cai.pipeline.follow) and the stages leave artifacts to global rank 0."""
-    import os
-
     return any(int(os.environ.get(v) or 0) > 0 for v in ("RANK", "LOCAL_RANK", "NODE_RANK"))
 
 
@@ -174,8 +175,6 @@ def rank_and_world(trainer) -> tuple[int, int]:
 def shard_batches(batches: list, trainer, setting: str) -> list:
     """Several processes (DDP, FSDP): each takes every world-th batch of the same seeded order,
     all the same number of batches (trainer.use_distributed_sampler is off)."""
-    from cai.errors import ConfigError
-
     rank, world = rank_and_world(trainer)
     if world == 1:
         return batches
@@ -269,13 +268,6 @@ def fit(
 ) -> dict:
     """Train with `cfg.trainer`; a killed run, started again, resumes from the last checkpoint
     in `work_dir/checkpoints` (removed once training ends). Returns the trainer's metrics."""
-    from hydra.utils import instantiate
-    from pytorch_lightning.callbacks import ModelCheckpoint
-
-    from cai.loggers import build_loggers
-    from cai.memory import release_freed_memory
-    from cai.models import bf16_supported
-
     checkpoints = work_dir / "checkpoints"
     precision = cfg.trainer.precision
     if cfg.trainer.accelerator == "cpu" and "bf16" in str(precision) and not bf16_supported():
@@ -307,8 +299,6 @@ def fit(
         trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resumed else None)
     except RuntimeError as error:
         if resumed and "state_dict" in str(error):  # weights of another model or settings
-            from cai.errors import ArtifactError
-
             raise ArtifactError(
                 f"The checkpoint {resume} does not fit this model: "
                 f"{str(error).splitlines()[0]} It was written by another model or settings; "

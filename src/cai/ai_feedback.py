@@ -28,15 +28,15 @@ import logging
 import math
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
+import datasets
 from omegaconf import DictConfig
-from tqdm.auto import tqdm
 
-from cai.artifacts import Artifact, PartWriter, read_jsonl, write_jsonl_atomic
+from cai.artifacts import Artifact
+from cai.comparisons import Comparison
 from cai.constitution import Constitution
 from cai.errors import ConfigError
-from cai.generation.base import GenerationEngine, Request, ScoreRequest
+from cai.generation.base import GenerationEngine, Request, ScoreRequest, request_seed
 
 log = logging.getLogger(__name__)
 
@@ -152,14 +152,6 @@ class FeedbackPrompts:
 
 # ---------------------------------------------------------------------------------------------
 # 3. Labelling a batch of comparisons
-
-
-@dataclass(frozen=True)
-class Comparison:
-    id: str
-    prompt: str  # the human's request
-    answers: tuple[str, str]
-    kind: str = "red_team"  # red_team: harmlessness principles; helpful: the helpfulness one
 
 
 @dataclass(frozen=True)
@@ -310,8 +302,6 @@ def _principle_id(index: int) -> str:
 
 
 def _query_seed(seed: int, comparison_id: str, q: Query) -> int:
-    from cai.critique import request_seed
-
     return request_seed(seed, "feedback", comparison_id, q.principle, q.swapped, q.sample)
 
 
@@ -319,68 +309,8 @@ def _query_seed(seed: int, comparison_id: str, q: Query) -> int:
 # 4. The pipeline stage
 
 
-def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) -> dict:
-    """feedback: write labels.jsonl, one soft label per pair of the generate_pairs artifact."""
-    from cai.config import model_cfg_for
-    from cai.critique import load_inputs
-    from cai.generation import build_engine
-
-    settings = FeedbackSettings.from_config(cfg.feedback)
-    constitution, _ = load_inputs(cfg)
-    pairs = read_jsonl(upstream["generate_pairs"].file("pairs.jsonl"))
-    comparisons = [
-        Comparison(p["id"], p["prompt"], (p["answer_a"], p["answer_b"]), p.get("kind", "red_team"))
-        for p in pairs
-        if p["answer_a"].strip() and p["answer_b"].strip() and p["answer_a"] != p["answer_b"]
-    ]
-    skipped = len(pairs) - len(comparisons)
-    if skipped:
-        log.warning("Skipped %d pairs with an empty or repeated answer.", skipped)
-    if not comparisons:
-        raise ConfigError(
-            f"No usable pairs in {upstream['generate_pairs'].path}: every pair has an empty or "
-            "repeated answer. Sample more (pairs.max_new_tokens, pairs.temperature)."
-        )
-    prompts = FeedbackPrompts(
-        constitution, str(cfg.feedback.helpfulness_principle), seed=int(cfg.seed)
-    )
-    # The feedback model (paper: a pretrained LM, kept apart from the policy being trained).
-    model_cfg = model_cfg_for(cfg, str(cfg.feedback.model), "feedback.model", upstream)
-    engine = build_engine(cfg.generation, model_cfg, cfg.paths.cache_dir)
-    parts = PartWriter(work_dir / "parts")
-    chunk = int(cfg.feedback.chunk_size)
-    starts = range(0, len(comparisons), chunk)
-    resumed = sum(parts.done(i // chunk) for i in starts)
-    for start in tqdm(starts, desc="feedback chunks", unit="chunk"):
-        if not parts.done(start // chunk):
-            parts.write(
-                start // chunk,
-                label_comparisons(
-                    engine, prompts, comparisons[start : start + chunk], settings, int(cfg.seed)
-                ),
-            )
-    records = parts.read_all()
-    write_jsonl_atomic(work_dir / "labels.jsonl", records)
-    import shutil
-
-    shutil.rmtree(work_dir / "parts", ignore_errors=True)
-    p = [r["p_a"] for r in records]
-    return {
-        "comparisons": len(records),
-        "skipped_pairs": skipped,
-        "mean_p_a": round(mean(p), 4),
-        "mean_abs_confidence": round(mean([abs(x - 0.5) for x in p]), 4),
-        "position_bias": round(mean([r["position_bias"] for r in records]), 4),
-        "queries_per_comparison": len(records[0]["queries"]),
-        "resumed_chunks": resumed,
-        "engine": getattr(engine, "stats", {}),
-    }
-
-
 def load_labels(artifact: Artifact):
     """The labels as a `datasets.Dataset` (columns id, prompt, answer_a, answer_b, p_a, ...)."""
-    import datasets
-
     return datasets.load_dataset(
         "json", data_files=str(artifact.file("labels.jsonl")), split="train"
     )

@@ -1,7 +1,10 @@
 """generate_pairs: the SL-CAI model samples two answers per red-team prompt (Bai et al. 2022,
 section 4.1: "we sample a pair of responses to each red-team prompt from the SL-CAI model"),
 and per helpfulness prompt when `pairs.helpful` (for AI helpfulness labels, `pm.helpfulness=ai`).
-The feedback stage then labels which answer of each pair is better."""
+The feedback stage then labels which answer of each pair is better.
+
+Files: pairs.jsonl (id, prompt, answer_a, answer_b, ...). Resumable by chunks of `pairs.chunk_size`.
+"""
 
 from __future__ import annotations
 
@@ -14,16 +17,16 @@ from tqdm.auto import tqdm
 
 from cai.artifacts import Artifact, PartWriter, write_jsonl_atomic
 from cai.errors import ConfigError
-from cai.generation import Request, build_engine
+from cai.generation import Request, build_engine, engine_tokenizer, request_seed
+from cai.inputs import input_fingerprints, load_inputs
 from cai.prompting import answer_prompt
+from cai.stages.base import GENERATION_RUNTIME, Stage
 
 log = logging.getLogger(__name__)
 
 
 def pair_requests(prompts, tokenizer, prompt_format: str, pairs_cfg: DictConfig, seed: int):
     """Two sampling requests per prompt (answer a, answer b), each with its own seed."""
-    from cai.critique import request_seed
-
     return [
         Request(
             answer_prompt(tokenizer, p.text, prompt_format),
@@ -37,10 +40,8 @@ def pair_requests(prompts, tokenizer, prompt_format: str, pairs_cfg: DictConfig,
     ]
 
 
-def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) -> dict:
-    """generate_pairs: write pairs.jsonl (id, prompt, answer_a, answer_b) into `work_dir`."""
-    from cai.critique import engine_tokenizer, load_inputs
-
+def run(cfg: DictConfig, inputs: dict[str, Artifact], work_dir: Path) -> dict:
+    # 1. Prompts: red-team (and helpfulness, when pairs.helpful) of pairs.split
     pairs_cfg = cfg.pairs
     _, prompt_set = load_inputs(cfg)
     split = prompt_set.split(str(pairs_cfg.split))
@@ -53,9 +54,11 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
         )
     # Helpfulness pairs too, for AI helpfulness labels (pm.helpfulness=ai)
     prompts += split.helpful[:limit] if pairs_cfg.helpful else []
-    policy = OmegaConf.merge(cfg.model, {"path": str(upstream["sft"].path / "model")})
+
+    # 2. Two answers per prompt from SL-CAI, by chunks (a rerun skips finished parts)
+    policy = OmegaConf.merge(cfg.model, {"path": str(inputs["sft"].path / "model")})
     engine = build_engine(cfg.generation, policy, cfg.paths.cache_dir)
-    tokenizer = engine_tokenizer(engine, cfg)
+    tokenizer = engine_tokenizer(engine, cfg.model, cfg.paths.cache_dir)
     parts = PartWriter(work_dir / "parts")
     chunk = int(pairs_cfg.chunk_size)
     starts = list(range(0, len(prompts), chunk))
@@ -86,6 +89,8 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
                 for p, a, b in zip(batch, answers[0::2], answers[1::2], strict=True)
             ],
         )
+
+    # 3. The parts joined into pairs.jsonl
     records = parts.read_all()
     write_jsonl_atomic(work_dir / "pairs.jsonl", records)
     shutil.rmtree(work_dir / "parts", ignore_errors=True)
@@ -99,3 +104,13 @@ def run_stage(cfg: DictConfig, upstream: dict[str, Artifact], work_dir: Path) ->
         "resumed_chunks": resumed,
         "engine": getattr(engine, "stats", {}),
     }
+
+
+STAGE = Stage(
+    "generate_pairs",
+    run,
+    settings=("model", "data", "pairs", "generation"),
+    upstream=("sft",),
+    runtime=("pairs.chunk_size", *GENERATION_RUNTIME),
+    fingerprints=input_fingerprints,
+)

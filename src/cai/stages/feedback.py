@@ -1,0 +1,97 @@
+"""feedback: AI labels for the RL stage (Bai et al. 2022, section 4.1). The feedback model
+answers a multiple-choice question per pair of SL-CAI answers ("which response is more
+harmless?", with a sampled constitution principle; the helpfulness question on helpfulness
+pairs), and the normalised probabilities of " (A)" and " (B)" become a soft label
+(cai.ai_feedback: few-shot block, principle ensembling, swapped orders, chain of thought).
+
+Files: labels.jsonl (id, prompt, answer_a, answer_b, p_a, queries, ...). Resumable by chunks of
+`feedback.chunk_size`.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from cai.ai_feedback import FeedbackPrompts, FeedbackSettings, label_comparisons, mean
+from cai.artifacts import Artifact, PartWriter, read_jsonl, write_jsonl_atomic
+from cai.comparisons import Comparison
+from cai.config import model_cfg_for
+from cai.errors import ConfigError
+from cai.generation import build_engine
+from cai.inputs import input_fingerprints, load_inputs
+from cai.stages.base import GENERATION_RUNTIME, Stage
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: DictConfig, inputs: dict[str, Artifact], work_dir: Path) -> dict:
+    # 1. The comparisons: each generate_pairs pair with two different, non-empty answers
+    settings = FeedbackSettings.from_config(cfg.feedback)
+    constitution, _ = load_inputs(cfg)
+    pairs = read_jsonl(inputs["generate_pairs"].file("pairs.jsonl"))
+    comparisons = [
+        Comparison.of_answers(
+            p["id"], p["prompt"], (p["answer_a"], p["answer_b"]), p.get("kind", "red_team")
+        )
+        for p in pairs
+        if p["answer_a"].strip() and p["answer_b"].strip() and p["answer_a"] != p["answer_b"]
+    ]
+    skipped = len(pairs) - len(comparisons)
+    if skipped:
+        log.warning("Skipped %d pairs with an empty or repeated answer.", skipped)
+    if not comparisons:
+        raise ConfigError(
+            f"No usable pairs in {inputs['generate_pairs'].path}: every pair has an empty or "
+            "repeated answer. Sample more (pairs.max_new_tokens, pairs.temperature)."
+        )
+
+    # 2. The feedback model (paper: a pretrained LM, kept apart from the policy being trained)
+    prompts = FeedbackPrompts(
+        constitution, str(cfg.feedback.helpfulness_principle), seed=int(cfg.seed)
+    )
+    model_cfg = model_cfg_for(cfg, str(cfg.feedback.model), "feedback.model", inputs)
+    engine = build_engine(cfg.generation, model_cfg, cfg.paths.cache_dir)
+
+    # 3. Labels by chunks of comparisons (a rerun skips finished parts)
+    parts = PartWriter(work_dir / "parts")
+    chunk = int(cfg.feedback.chunk_size)
+    starts = range(0, len(comparisons), chunk)
+    resumed = sum(parts.done(i // chunk) for i in starts)
+    for start in tqdm(starts, desc="feedback chunks", unit="chunk"):
+        if not parts.done(start // chunk):
+            parts.write(
+                start // chunk,
+                label_comparisons(
+                    engine, prompts, comparisons[start : start + chunk], settings, int(cfg.seed)
+                ),
+            )
+    records = parts.read_all()
+    write_jsonl_atomic(work_dir / "labels.jsonl", records)
+    shutil.rmtree(work_dir / "parts", ignore_errors=True)
+    p = [r["p_a"] for r in records]
+    return {
+        "comparisons": len(records),
+        "skipped_pairs": skipped,
+        "mean_p_a": round(mean(p), 4),
+        "mean_abs_confidence": round(mean([abs(x - 0.5) for x in p]), 4),
+        "position_bias": round(mean([r["position_bias"] for r in records]), 4),
+        "queries_per_comparison": len(records[0]["queries"]),
+        "resumed_chunks": resumed,
+        "engine": getattr(engine, "stats", {}),
+    }
+
+
+STAGE = Stage(
+    "feedback",
+    run,
+    settings=("model", "constitution", "feedback", "generation"),
+    upstream=("generate_pairs", "sft"),
+    runtime=("feedback.chunk_size", *GENERATION_RUNTIME),
+    fingerprints=input_fingerprints,
+    check=lambda cfg: FeedbackSettings.from_config(cfg.feedback),
+)

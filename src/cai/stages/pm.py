@@ -1,0 +1,148 @@
+"""pm: the preference model PPO optimises (Bai et al. 2022, section 4.1), trained on the
+feedback stage's soft AI harmlessness labels mixed with helpfulness comparisons
+(`pm.helpfulness_ratio`), from SL-CAI. The baselines' PMs come from the same stage:
+`pm.harmlessness=human` (HH-RLHF) and `none` (Helpful-RLHF). The LightningModule is
+cai.modules.pm.PMModule; the saved PM scores through cai.preference.PreferenceModel.
+
+Files: model/ (AutoModelForSequenceClassification, num_labels = 1), rows.csv (accuracy, margin
+and ECE on held-out hh-rlhf and HHH pairs; agreement with the paper's PM).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from cai.artifacts import Artifact, read_jsonl
+from cai.comparisons import Comparison, answer_turns, human_comparisons
+from cai.config import model_cfg_for
+from cai.data import hh_rlhf_comparisons, hh_split_rule
+from cai.errors import ConfigError
+from cai.eval.validation import validate_pm
+from cai.models import count_parameters
+from cai.modules.pm import mix, train_preference_model
+from cai.modules.training import is_follower
+from cai.paper_samples import fingerprint as paper_samples_fingerprint
+from cai.preference import PreferenceModel, human_eval_sets, score_pair_sets
+from cai.results import write_rows
+from cai.stages.base import TRAINER_RUNTIME, Stage
+
+
+def run(cfg: DictConfig, inputs: dict[str, Artifact], work_dir: Path) -> dict:
+    # 1. Training comparisons: AI harmlessness labels (or human, or none) and helpfulness
+    pm = cfg.pm
+    comparisons, counts = training_comparisons(cfg, inputs)
+    if not comparisons:
+        raise ConfigError(
+            f"No PM training comparisons (pm.harmlessness={pm.harmlessness}, "
+            f"pm.helpfulness={pm.helpfulness}): check the feedback labels and the data."
+        )
+
+    # 2. Train from pm.init (SL-CAI by default) and save
+    init_cfg = model_cfg_for(cfg, str(pm.init), "pm.init", inputs)
+    scorer, trained = train_preference_model(cfg, pm, comparisons, init_cfg, work_dir)
+    if is_follower():
+        return trained
+
+    # 3. Measure it: held-out human comparisons, HHH, agreement with the paper's PM
+    rows, evaluation = evaluate(cfg, scorer, init_cfg.name, count_parameters(scorer.model))
+    # the PM that PPO optimises, validated like the judges (agreement with the paper's PM)
+    validated, validation = validate_pm(
+        scorer,
+        cfg,
+        {"stage": "pm", "model": init_cfg.name, "parameters": count_parameters(scorer.model),
+         "judge": f"training_pm_{pm.harmlessness}"},
+    )  # fmt: skip
+    rows += validated
+    write_rows(work_dir / "rows.csv", rows)
+    return {
+        **counts,
+        **trained,
+        "eval": evaluation,
+        "validation": validation,
+        "harmlessness": str(pm.harmlessness),
+        "helpfulness": str(pm.helpfulness),
+        "init": str(pm.init),
+    }
+
+
+def training_comparisons(cfg: DictConfig, inputs: dict[str, Artifact]) -> tuple[list, dict]:
+    """The PM's training comparisons per `pm.harmlessness` and `pm.helpfulness`, mixed at
+    `pm.helpfulness_ratio` helpfulness comparisons per harmlessness comparison."""
+    pm = cfg.pm
+    labels = read_jsonl(inputs["feedback"].file("labels.jsonl"))
+
+    def ai(kind: str, source: str) -> list[Comparison]:
+        """AI labels of the feedback stage for pairs of this kind (red_team, helpful)."""
+        return [
+            Comparison(
+                answer_turns(r["prompt"], r["answer_a"]),
+                answer_turns(r["prompt"], r["answer_b"]),
+                r["p_a"],
+                source,
+            )
+            for r in labels
+            if r.get("kind", "red_team") == kind
+        ]
+
+    def human(subset: str, source: str) -> list[Comparison]:
+        """Human comparisons of hh-rlhf `subset`, split pm_train."""
+        pairs = hh_rlhf_comparisons(cfg.paths.data_dir, subset, "pm_train")[: pm.max_human]
+        return human_comparisons(pairs, source)
+
+    harmlessness_sources = {
+        "ai": lambda: ai("red_team", "ai_harmless"),
+        "human": lambda: human("harmless-base", "human_harmless"),
+        "none": list,
+    }
+    helpfulness_sources = {
+        "ai": lambda: ai("helpful", "ai_helpful"),
+        "hh_rlhf": lambda: human("helpful-base", "human_helpful"),
+        "none": list,
+    }
+    if pm.harmlessness not in harmlessness_sources:
+        raise ConfigError(f"pm.harmlessness={pm.harmlessness!r}: use ai, human or none.")
+    if pm.helpfulness not in helpfulness_sources:
+        raise ConfigError(f"pm.helpfulness={pm.helpfulness!r}: use hh_rlhf, ai or none.")
+    harmless = harmlessness_sources[pm.harmlessness]()
+    helpful = helpfulness_sources[pm.helpfulness]()
+    if pm.helpfulness_ratio is not None:
+        harmless, helpful = mix(harmless, helpful, float(pm.helpfulness_ratio), int(cfg.seed))
+    counts = {"harmlessness_pairs": len(harmless), "helpfulness_pairs": len(helpful)}
+    return harmless + helpful, counts
+
+
+def evaluate(cfg: DictConfig, scorer: PreferenceModel, name: str, parameters: int):
+    """PM accuracy, margin and ECE on hh-rlhf harmless `pm_eval` (comparisons within
+    pm.max_length) and on the 438 HHH pairs."""
+    limit = int(cfg.pm.max_length)
+    sets = human_eval_sets(
+        cfg.paths.data_dir,
+        "pm_eval",
+        cfg.pm.max_eval,
+        cfg.pm.max_hhh,
+        fits=lambda pair: scorer.fits(pair, limit),
+    )
+    common = {
+        "stage": "pm",
+        "model": name,
+        "parameters": parameters,
+        "method": f"pm_{cfg.pm.harmlessness}",
+    }
+    return score_pair_sets(scorer, sets, common)
+
+
+STAGE = Stage(
+    "pm",
+    run,
+    settings=("model", "pm", "trainer", "judge.validation"),
+    version=3,  # 3: seeded head, validation against the paper's PM (PALMS)
+    upstream=("feedback", "sft"),
+    runtime=("pm.checkpoint_every", "pm.eval_batch_size", *TRAINER_RUNTIME),
+    fingerprints=lambda cfg: {
+        "hh_rlhf_splits": hh_split_rule(),
+        "paper_samples": paper_samples_fingerprint(cfg.paths.data_dir),
+    },
+    distributed=True,
+)
