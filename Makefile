@@ -14,7 +14,7 @@ endif
 setup:
 	@bash scripts/setup.sh
 
-# Main job on the embedded SmolLM2-135M-Instruct. Extra Hydra overrides: make run ARGS="sl.num_revisions=2"
+# Main job on the embedded SmolLM2-135M-Instruct. Extra Hydra overrides: make run ARGS="sft.num_revisions=2"
 run: setup
 	$(PY) src/train.py $(ARGS)
 

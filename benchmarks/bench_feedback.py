@@ -29,7 +29,7 @@ from cai.ai_feedback import (
     OPTIONS,
     REASONING_STOPS,
     FeedbackPrompts,
-    FeedbackSettings,
+    LabelSettings,
     clamp,
     label_comparisons,
     option_probability,
@@ -121,10 +121,10 @@ def main():
         f"CoT block {len(tokenizer(prompts.cot_prefix).input_ids)} tokens"
     )
     for name, settings, n in (
-        ("default (swap)", FeedbackSettings(swap=True), args.n),
+        ("default (swap)", LabelSettings(swap=True), args.n),
         (
             "CoT (swap)",
-            FeedbackSettings(swap=True, cot=True, cot_max_tokens=args.cot_tokens),
+            LabelSettings(swap=True, cot=True, cot_max_tokens=args.cot_tokens),
             args.cot_n,
         ),
     ):

@@ -176,7 +176,7 @@ def test_paper_constitution_and_hh_rlhf(make_cfg, data_dir):
 def test_key_follows_content_not_batching(make_cfg):
     base = make_cfg(*SMALL)
     assert pipeline.artifact_key(base, "generate_sl") == pipeline.artifact_key(
-        make_cfg(*SMALL, "generation.batch_size=3", "sl.num_revisions=1"), "generate_sl"
+        make_cfg(*SMALL, "generation.batch_size=3", "sft.num_revisions=1"), "generate_sl"
     )
     for change in (
         "sl.generate_revisions=3",

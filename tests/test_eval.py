@@ -122,13 +122,12 @@ def test_rates_and_scores():
         ("eval.samples_per_prompt=0", "samples_per_prompt"),
     ],
 )
-def test_bad_eval_settings_stop_before_any_work(make_cfg, override, message):
+def test_bad_eval_settings_stop_before_any_work(make_cfg, tmp_path, override, message):
     from cai.pipeline import run
 
-    cfg = make_cfg(*TINY_STAGES, override, "pipeline.stages=[generate_sl,sft,judge,eval]")
-    with pytest.raises(ConfigError, match=message):
-        run(cfg)
-    assert not Path(cfg.paths.artifact_dir, "generate_sl").exists()  # nothing was started
+    with pytest.raises(ConfigError, match=message):  # when composed, or before any stage
+        run(make_cfg(*TINY_STAGES, override, "pipeline.stages=[generate_sl,sft,judge,eval]"))
+    assert not (tmp_path / "outputs" / "artifacts" / "generate_sl").exists()  # nothing started
 
 
 EVAL_TINY = [

@@ -9,7 +9,7 @@ from conftest import TINY_STAGES
 from cai.ai_feedback import (
     OPTIONS,
     FeedbackPrompts,
-    FeedbackSettings,
+    LabelSettings,
     clamp,
     label_comparisons,
     option_probability,
@@ -70,7 +70,7 @@ def test_option_probability_normalises_over_the_two_options():
 
 def test_p_a_is_the_normalised_probability_of_option_a(prompts):
     engine = StubEngine(lambda c: (-1.0, -2.0))
-    [record] = label_comparisons(engine, prompts, [PAIR], FeedbackSettings(), seed=0)
+    [record] = label_comparisons(engine, prompts, [PAIR], LabelSettings(), seed=0)
     assert record["p_a"] == pytest.approx(sigmoid(1.0))
     assert record["queries"][0]["logprob_a"] == -1.0
     assert engine.prefixes == [prompts.prefix]  # the few-shot block is the shared prefix
@@ -83,7 +83,7 @@ def test_swap_averages_both_orders(prompts):
         good_at_a = slot_a_is(context) == "GOOD"
         return (0.0, -2.0 + 0.5) if good_at_a else (0.0, 1.0 + 0.5)
 
-    settings = FeedbackSettings(swap=True)
+    settings = LabelSettings(swap=True)
     [record] = label_comparisons(StubEngine(logprobs), prompts, [PAIR], settings, seed=0)
     p_original = sigmoid(1.5)  # GOOD at (A): p(option A)
     p_swapped = sigmoid(-1.5)  # BAD at (A): p(option A)
@@ -99,7 +99,7 @@ def test_ensemble_is_the_mean_over_sampled_principles(prompts):
         i = next(i for i, p in enumerate(prompts.principles) if p in context)
         return (shifts[i], 0.0)
 
-    settings = FeedbackSettings(num_principles=3)
+    settings = LabelSettings(num_principles=3)
     [record] = label_comparisons(StubEngine(logprobs), prompts, [PAIR], settings, seed=0)
     used = [q["principle"] for q in record["queries"]]
     assert len(set(used)) == 3
@@ -113,7 +113,7 @@ def test_ensemble_is_the_mean_over_sampled_principles(prompts):
 def test_cot_clamps_each_sample_and_averages(prompts):
     calls = iter([(0.0, -10.0), (0.0, 0.2)])  # sample 0: p ~ 1 -> 0.6; sample 1: sigmoid(-0.2)
     engine = StubEngine(lambda c: next(calls))
-    settings = FeedbackSettings(cot=True, cot_samples=2)
+    settings = LabelSettings(cot=True, cot_samples=2)
     [record] = label_comparisons(engine, prompts, [PAIR], settings, seed=0)
     assert record["p_a"] == pytest.approx((0.6 + sigmoid(-0.2)) / 2)
     assert [q["p_option_a"] for q in record["queries"]] == pytest.approx([0.6, sigmoid(-0.2)])
@@ -131,7 +131,7 @@ def test_more_principles_than_the_constitution_has_is_an_error(prompts):
             StubEngine(lambda c: (0.0, 0.0)),
             prompts,
             [PAIR],
-            FeedbackSettings(num_principles=99),
+            LabelSettings(num_principles=99),
             0,
         )
 

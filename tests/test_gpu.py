@@ -78,7 +78,7 @@ def test_training_stages_run_on_the_gpu(make_cfg, trainer):
         "data.max_red_team=8",
         "data.max_helpful=4",
         "sl.generate_revisions=1",
-        "sl.num_revisions=1",
+        "sft.num_revisions=1",
         "sl.max_answer_tokens=12",
         "sl.max_critique_tokens=8",
         "sl.max_revision_tokens=12",

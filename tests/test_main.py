@@ -11,7 +11,7 @@ def test_main_command_on_the_embedded_model(tmp_path: Path):
         "data.max_red_team=2",
         "data.max_helpful=1",
         "sl.generate_revisions=1",
-        "sl.num_revisions=1",
+        "sft.num_revisions=1",
         "sft.batch_size=2",
         "trainer.enable_progress_bar=false",
         "sl.max_answer_tokens=8",

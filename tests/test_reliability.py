@@ -167,12 +167,12 @@ def test_a_damaged_part_file_is_done_again(tmp_path, caplog):
         ("data.max_red_team=-1", "data.max_red_team=-1: use an integer >= 1 or null"),
         ("data.max_red_team=0", "data.max_red_team=0: use an integer >= 1"),
         ("data.max_red_team=abc", "data.max_red_team='abc': use an integer"),
-        ("sl.num_revisions=1.7", "sl.num_revisions=1.7: use an integer >= 0 (a whole number)"),
+        ("sft.num_revisions=1.7", "sft.num_revisions=1.7: use an integer >= 0 (a whole number)"),
         ("sl.temperature=-1", "sl.temperature=-1: use a number >= 0"),
         ("sl.chunk_size=0", "sl.chunk_size=0: use an integer >= 1"),
         ("sft.batch_size=0", "sft.batch_size=0"),
         ("pm.batch_size=0", "pm.batch_size=0"),
-        ("trainer.devices=0", "trainer.devices=0: use an integer >= 1 or auto"),
+        ("trainer.devices=0", "trainer.devices=0: use an integer >= 1, -1 (every GPU) or auto"),
         ("pipeline.stages=generate_sl", "pipeline.stages='generate_sl': a list of stages"),
         ("data.eval_percent=100", "data.eval_percent=100: use an integer from 0 to 99"),
         ("model.max_context=10", "model.max_context=10: use an integer >= 256"),
@@ -184,14 +184,37 @@ def test_a_damaged_part_file_is_done_again(tmp_path, caplog):
     ],
 )
 def test_bad_values_are_refused_before_any_work(tmp_path, override, says):
-    cfg = cfg_in(tmp_path, *TINY_STAGES, *TINY_EVAL, override)
-    with pytest.raises(ConfigError) as error:
-        run(cfg)
+    with pytest.raises(ConfigError) as error:  # when composed (typed settings) or, at the
+        run(cfg_in(tmp_path, *TINY_STAGES, *TINY_EVAL, override))  # latest, before any stage
     assert says in str(error.value)
     assert "\n" not in str(error.value)
     assert not (tmp_path / "artifacts").exists() or not list(
         (tmp_path / "artifacts").rglob("*.partial")
     )
+
+
+@pytest.mark.parametrize(
+    ("override", "says"),
+    [
+        ("+sft.lrr=1", "sft.lrr: no such setting. The settings of `sft` are: init, num_revisions"),
+        ("+eval.variants.mine.sourc=ppo", "eval.variants.mine.sourc: no such setting"),
+        ("feedback.swap=maybe", "feedback.swap: Value 'maybe' is not a valid bool"),
+    ],
+)
+def test_unknown_keys_and_wrong_types_fail_when_composed(tmp_path, override, says):
+    with pytest.raises(ConfigError) as error:
+        cfg_in(tmp_path, override)
+    assert says in str(error.value) and "\n" not in str(error.value)
+
+
+def test_old_name_of_a_moved_setting_still_works(tmp_path):
+    """sl.num_revisions moved to sft.num_revisions (an SFT setting): the old override is read as
+    the new one, with the same artifact keys."""
+    old, new = cfg_in(tmp_path, "sl.num_revisions=2"), cfg_in(tmp_path, "sft.num_revisions=2")
+    assert old.sft.num_revisions == 2 and old.sl.num_revisions is None
+    for stage in ("generate_sl", "sft", "eval"):
+        assert artifact_key(old, stage) == artifact_key(new, stage)
+    assert artifact_key(new, "sft") != artifact_key(cfg_in(tmp_path, "sft.num_revisions=3"), "sft")
 
 
 def test_bad_values_from_the_command_line_give_one_line(tmp_path):

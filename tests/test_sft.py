@@ -23,7 +23,7 @@ SMALL = [
     "data.max_red_team=6",
     "data.max_helpful=3",
     "sl.generate_revisions=2",
-    "sl.num_revisions=2",
+    "sft.num_revisions=2",
     "sl.max_answer_tokens=12",
     "sl.max_critique_tokens=8",
     "sl.max_revision_tokens=12",
@@ -173,8 +173,8 @@ def test_sft_stage_saves_a_loadable_model(make_cfg):
 
 
 def test_revision_index_beyond_the_data_fails_clearly(make_cfg):
-    cfg = make_cfg(*SMALL, "sl.num_revisions=3")
-    with pytest.raises(ConfigError, match="sl.num_revisions=3, but the SL data holds 2"):
+    cfg = make_cfg(*SMALL, "sft.num_revisions=3")
+    with pytest.raises(ConfigError, match="sft.num_revisions=3, but the SL data holds 2"):
         pipeline.run(cfg)
     assert not list(
         (
@@ -184,7 +184,7 @@ def test_revision_index_beyond_the_data_fails_clearly(make_cfg):
 
 
 def test_sft_key_follows_target_revision_not_sl_data(make_cfg):
-    a, b = make_cfg(*SMALL, "sl.num_revisions=1"), make_cfg(*SMALL, "sl.num_revisions=2")
+    a, b = make_cfg(*SMALL, "sft.num_revisions=1"), make_cfg(*SMALL, "sft.num_revisions=2")
     assert pipeline.artifact_key(a, "generate_sl") == pipeline.artifact_key(b, "generate_sl")
     assert pipeline.artifact_key(a, "sft") != pipeline.artifact_key(b, "sft")
 

@@ -63,13 +63,13 @@ def multirun_folders(tmp_path: Path) -> list[Path]:
 
 @pytest.mark.slow  # about 2 minutes on 2 cores; .ci/run runs it
 def test_the_three_sweeps_share_upstream_and_feed_one_table_of_figures(tmp_path: Path):
-    """The user's commands: -m model=size_sweep, -m sl.num_revisions=0,1,2,3,4 and
+    """The user's commands: -m model=size_sweep, -m sft.num_revisions=0,1,2,3,4 and
     -m feedback.cot=false,true (the last with the joblib launcher: two jobs at once that need
     the same SL data and SL-CAI model), then the figure command on results/."""
     runs = [
-        ["-m", "model=size_sweep", "model.preset=tiny,tiny_2x", "sl.num_revisions=2"],
-        ["-m", "model=tiny", "sl.generate_revisions=4", "sl.num_revisions=0,1,2,3,4"],
-        ["-m", "model=tiny", "seed=1", "sl.num_revisions=2", "feedback.cot=false,true"]
+        ["-m", "model=size_sweep", "model.preset=tiny,tiny_2x", "sft.num_revisions=2"],
+        ["-m", "model=tiny", "sl.generate_revisions=4", "sft.num_revisions=0,1,2,3,4"],
+        ["-m", "model=tiny", "seed=1", "sft.num_revisions=2", "feedback.cot=false,true"]
         + ["feedback.cot_max_tokens=4", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
     ]
     folders = []
@@ -123,7 +123,7 @@ def test_the_three_sweeps_share_upstream_and_feed_one_table_of_figures(tmp_path:
     table = read_rows(tmp_path / "results" / "all_results.csv")
     assert any(r["stage"] == "joint" for r in table)  # gathered: Figure 3 draws from them
     # runs judged by different judge artifacts share no scale: refused with a message
-    same_job = ["model=size_sweep", "model.preset=tiny", "sl.num_revisions=2"]
+    same_job = ["model=size_sweep", "model.preset=tiny", "sft.num_revisions=2"]
     other_judge = [a for a in TINY_SL if not a.startswith("judge.init")] + ["judge.init=tiny_2x"]
     other = run_train(
         [*same_job, *other_judge], tmp_path, timeout=900
@@ -139,7 +139,7 @@ def test_the_three_sweeps_share_upstream_and_feed_one_table_of_figures(tmp_path:
     [
         ("fig3_scaling", "model.preset", ["smollm2_135m", "smollm2_360m", "smollm2_1.7b"]),
         ("fig4_hhh", "model.preset", ["smollm2_135m", "smollm2_360m", "smollm2_1.7b"]),
-        ("fig5_revisions", "sl.num_revisions", ["0", "1", "2", "3", "4"]),
+        ("fig5_revisions", "sft.num_revisions", ["0", "1", "2", "3", "4"]),
         ("fig6_principles", "sl.num_principles", ["1", "2", "4", "8", "16"]),
         ("fig7_critique_vs_direct", "sl.critique", ["true", "false"]),
     ],

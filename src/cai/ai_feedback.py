@@ -165,7 +165,7 @@ class Query:
 
 
 @dataclass(frozen=True)
-class FeedbackSettings:
+class LabelSettings:
     num_principles: int = 1
     swap: bool = False
     cot: bool = False
@@ -176,7 +176,7 @@ class FeedbackSettings:
     cot_temperature: float = 1.0
 
     @classmethod
-    def from_config(cls, node: DictConfig) -> FeedbackSettings:
+    def from_config(cls, node: DictConfig) -> LabelSettings:
         settings = cls(**{k: node[k] for k in cls.__dataclass_fields__ if k in node})
         settings.check()
         return settings
@@ -192,7 +192,7 @@ class FeedbackSettings:
 
 
 def plan_queries(
-    comparisons: list[Comparison], settings: FeedbackSettings, num_principles: int, seed: int
+    comparisons: list[Comparison], settings: LabelSettings, num_principles: int, seed: int
 ) -> list[Query]:
     queries = []
     samples = settings.cot_samples if settings.cot else 1
@@ -214,7 +214,7 @@ def label_comparisons(
     engine: GenerationEngine,
     prompts: FeedbackPrompts,
     comparisons: list[Comparison],
-    settings: FeedbackSettings,
+    settings: LabelSettings,
     seed: int,
 ) -> list[dict]:
     """One record per comparison: p(A) (the first answer better) and every query behind it."""

@@ -15,6 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cai.errors import ConfigError
+from cai.settings import typed_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout, when run from one
 # The Hydra config tree: installed, it ships inside the package (pyproject.toml maps conf/ to
@@ -103,4 +104,4 @@ def compose(overrides: list[str] | None = None, config_name: str = "config") -> 
         cfg.hydra.runtime.output_dir = str(Path(cfg.paths.output_dir) / "compose")
         HydraConfig.instance().set_config(cfg)
         del cfg["hydra"]
-    return resolve_model(cfg)
+    return typed_config(resolve_model(cfg))

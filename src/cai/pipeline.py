@@ -49,7 +49,7 @@ from cai.memory import (
 )
 from cai.modules.training import is_follower
 from cai.results import read_rows, write_csv, write_rows
-from cai.settings import check_settings
+from cai.settings import typed_config
 from cai.stages import STAGES
 from cai.stages.base import Stage
 
@@ -182,7 +182,7 @@ def run(cfg: DictConfig, stage_processes: bool = False) -> dict[str, Artifact]:
     allows. Only for a process that has not run tensor work itself (the command line): a fork
     after torch has started its OpenMP threads can hang the child, so in-process callers
     (notebooks, tests) keep the stages in their own process."""
-    check_settings(cfg)  # types and ranges of every numeric setting, before any work
+    typed_config(cfg)  # types, unknown keys and ranges of every setting, before any work
     check_force(cfg)
     for name in cfg.pipeline.stages:  # typos and conflicting settings fail before any work
         if (check := get_stage(str(name)).check) is not None:
@@ -470,7 +470,7 @@ def _hydra_output_dir() -> str | None:
 def run_from_config(cfg: DictConfig, stage_processes: bool = False) -> dict[str, Artifact]:
     """What the command line calls (cai.cli.train, with stage_processes=True): resolve model
     presets, log the plan, run the stages."""
-    cfg = resolve_model(cfg)
+    cfg = typed_config(resolve_model(cfg))
     stages = list(cfg.pipeline.stages)
     log.info("Model %s (%s), stages: %s", cfg.model.name, cfg.model.source, stages or "none")
     output_dir = _hydra_output_dir()

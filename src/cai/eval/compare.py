@@ -33,7 +33,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from cai.ai_feedback import FeedbackPrompts, FeedbackSettings, label_comparisons
+from cai.ai_feedback import FeedbackPrompts, LabelSettings, label_comparisons
 from cai.artifacts import Artifact, PartWriter, read_jsonl
 from cai.comparisons import Comparison, answer_turns
 from cai.config import model_cfg_for
@@ -92,7 +92,7 @@ def plan_models(
         return model_cfg_for(cfg, "sft", "eval", artifacts)
 
     points = []
-    revisions = int(cfg.sl.num_revisions)
+    revisions = int(cfg.sft.num_revisions)
     for name in cfg.eval.models:
         variant = cfg.eval.variants[name]
         if variant.source == "policy":
@@ -104,7 +104,7 @@ def plan_models(
             ppo = artifacts["ppo"]
             start = model_cfg_for(vcfg, str(vcfg.ppo.init), "ppo.init", artifacts)
             common = {
-                "revisions": int(vcfg.sl.num_revisions) if vcfg.ppo.init == "sft" else None,
+                "revisions": int(vcfg.sft.num_revisions) if vcfg.ppo.init == "sft" else None,
                 "cot": bool(vcfg.feedback.cot),
             }
             points.append(Point(name, player(f"{name}@0", start), rl_sequences=0, **common))
@@ -238,9 +238,7 @@ class AIJudge:
         self.cfg = cfg
         self.model_cfg = model_cfg_for(cfg, str(node.model), "eval.ai_feedback.model", upstream)
         self.prompts = ai_judge_prompts(cfg)
-        self.settings = FeedbackSettings(
-            num_principles=int(node.num_principles), swap=bool(node.swap)
-        )
+        self.settings = LabelSettings(num_principles=int(node.num_principles), swap=bool(node.swap))
         self._engine = None
 
     def label(self, comparisons: list) -> list[dict]:

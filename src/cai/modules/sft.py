@@ -1,6 +1,6 @@
 """SL-CAI: fine-tune a causal LM on the critique -> revision data (Bai et al. 2022, section 3).
 
-Each red-team prompt contributes (prompt, revision n) with n = `sl.num_revisions` (0 = the
+Each red-team prompt contributes (prompt, revision n) with n = `sft.num_revisions` (0 = the
 initial answer, the no-revision baseline); each helpfulness prompt contributes its samples. The
 loss covers the response tokens only. Paper settings (section 3.1): 1 epoch, constant learning
 rate (0.5x pretraining), here with a short linear warm-up.
@@ -90,7 +90,7 @@ def sl_examples(
     generated = int(sl_artifact.manifest["metrics"]["revisions_per_prompt"])
     if not 0 <= num_revisions <= generated:
         raise ConfigError(
-            f"sl.num_revisions={num_revisions}, but the SL data holds {generated} revisions per "
+            f"sft.num_revisions={num_revisions}, but the SL data holds {generated} revisions per "
             f"prompt: use 0..{generated}, or regenerate with sl.generate_revisions>={num_revisions}."
         )
     pairs = [(r["id"], r["prompt"], *_target_text(r, num_revisions)) for r in red]

@@ -194,7 +194,7 @@ STAGE = Stage(
         "data",
         "constitution",
         "eval",
-        "sl.num_revisions",
+        "sft.num_revisions",
         "generation",
         "feedback.model",  # the AI judge's independence is recorded in its rows
         "feedback.helpfulness_principle",

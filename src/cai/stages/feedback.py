@@ -17,7 +17,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from cai.ai_feedback import FeedbackPrompts, FeedbackSettings, label_comparisons, mean
+from cai.ai_feedback import FeedbackPrompts, LabelSettings, label_comparisons, mean
 from cai.artifacts import Artifact, PartWriter, read_jsonl, write_jsonl_atomic
 from cai.comparisons import Comparison
 from cai.config import model_cfg_for
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 def run(cfg: DictConfig, inputs: dict[str, Artifact], work_dir: Path) -> dict:
     # 1. The comparisons: each generate_pairs pair with two different, non-empty answers
-    settings = FeedbackSettings.from_config(cfg.feedback)
+    settings = LabelSettings.from_config(cfg.feedback)
     constitution, _ = load_inputs(cfg)
     pairs = read_jsonl(inputs["generate_pairs"].file("pairs.jsonl"))
     comparisons = [
@@ -93,5 +93,5 @@ STAGE = Stage(
     upstream=("generate_pairs", "sft"),
     runtime=("feedback.chunk_size", *GENERATION_RUNTIME),
     fingerprints=input_fingerprints,
-    check=lambda cfg: FeedbackSettings.from_config(cfg.feedback),
+    check=lambda cfg: LabelSettings.from_config(cfg.feedback),
 )

@@ -100,6 +100,6 @@ STAGE = Stage(
     run,
     settings=("model", "constitution", "data", "sl", "generation"),
     version=2,  # 2: finish reasons kept (SFT gives cut-off texts no end token)
-    runtime=("sl.num_revisions", *GENERATION_RUNTIME),  # num_revisions: which one SFT trains on
+    runtime=("sl.num_revisions", *GENERATION_RUNTIME),  # the old name of sft.num_revisions
     fingerprints=input_fingerprints,
 )

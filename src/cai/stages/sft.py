@@ -1,5 +1,5 @@
 """sft: SL-CAI (Bai et al. 2022, section 3): fine-tune the initial model on (red-team prompt,
-revision n) with n = `sl.num_revisions` (0 = the initial answer, the no-revision baseline) and
+revision n) with n = `sft.num_revisions` (0 = the initial answer, the no-revision baseline) and
 the helpfulness samples, loss on response tokens only, 1 epoch at a constant learning rate after
 a short warm-up (section 3.1). The LightningModule is cai.modules.sft.SFTModule.
 
@@ -23,7 +23,7 @@ from cai.stages.base import TRAINER_RUNTIME, Stage
 
 def run(cfg: DictConfig, inputs: dict[str, Artifact], work_dir: Path) -> dict:
     sft = cfg.sft
-    revisions = int(cfg.sl.num_revisions)
+    revisions = int(cfg.sft.num_revisions)
     # 1. The model to fine-tune: bf16 weights with fp32 master weights where the trainer trains
     # in bf16 (LoRA: fp32, its adapters are merged into the fp32 model at the end)
     init_cfg = model_cfg_for(cfg, str(sft.init), "sft.init", inputs)
@@ -87,7 +87,7 @@ def _with_lora(model, sft: DictConfig):
 STAGE = Stage(
     "sft",
     run,
-    settings=("model", "sft", "sl.num_revisions", "trainer"),
+    settings=("model", "sft", "trainer"),
     upstream=("generate_sl",),
     runtime=("sft.checkpoint_every", *TRAINER_RUNTIME),
     distributed=True,
