@@ -177,7 +177,7 @@ def test_feedback_fewshot_principles_are_sampled_per_example():
 
 
 def test_hh_rlhf_baseline_pm_gets_the_rl_cai_mix():
-    from cai.modules.pm import mix
+    from cai.comparisons import mix
 
     harmless, helpful = mix(list(range(512)), list(range(1000, 1048)), 1.0, seed=0)
     assert (len(harmless), len(helpful)) == (48, 48)  # as RL-CAI's 48 AI : 48 helpful labels

@@ -8,13 +8,12 @@ import pytest
 import torch
 from conftest import TINY_STAGES
 
-from cai.comparisons import Comparison, answer_turns
+from cai.comparisons import Comparison, answer_turns, clean
 from cai.errors import ConfigError
 from cai.modules.pm import (
     EncodedPair,
     PairDataModule,
     PMModule,
-    clean,
     init_preference_model,
     soft_preference_loss,
 )

@@ -4,9 +4,15 @@ labels, hh-rlhf's human choices, the paper's PM scores), the eval judges' pairs.
 
 from __future__ import annotations
 
+import logging
+import random
 from dataclasses import dataclass
 
 from cai.constitution import parse_turns
+from cai.data import hh_rlhf_comparisons
+from cai.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def answer_turns(prompt: str, answer: str) -> list[dict]:
@@ -50,3 +56,91 @@ class Comparison:
 def human_comparisons(pairs: list[tuple[str, str]], source: str) -> list[Comparison]:
     """(chosen, rejected) transcripts as comparisons: chosen = A, p(A) = 1."""
     return [Comparison(transcript_turns(c), transcript_turns(r), 1.0, source) for c, r in pairs]
+
+
+def preference_comparisons(
+    labels: list[dict],
+    harmlessness: str,
+    helpfulness: str,
+    helpfulness_ratio: float | None,
+    max_human: int | None,
+    data_dir: str | None,
+    seed: int,
+    setting: str = "pm",
+) -> tuple[list[Comparison], dict]:
+    """The comparisons a preference learner trains on (the PM; DPO on the same data): AI labels
+    of the feedback stage (`labels`, its labels.jsonl records), human hh-rlhf comparisons
+    (split pm_train) or none, for harmlessness and for helpfulness, mixed at
+    `helpfulness_ratio` helpfulness comparisons per harmlessness comparison. `setting` names the
+    config group in errors (pm, dpo)."""
+
+    def ai(kind: str, source: str) -> list[Comparison]:
+        """AI labels of the feedback stage for pairs of this kind (red_team, helpful)."""
+        return [
+            Comparison.of_answers(
+                r["id"],
+                r["prompt"],
+                (r["answer_a"], r["answer_b"]),
+                kind,
+                p_a=r["p_a"],
+                source=source,
+            )  # fmt: skip
+            for r in labels
+            if r.get("kind", "red_team") == kind
+        ]
+
+    def human(subset: str, source: str) -> list[Comparison]:
+        """Human comparisons of hh-rlhf `subset`, split pm_train."""
+        return human_comparisons(
+            hh_rlhf_comparisons(data_dir, subset, "pm_train")[:max_human], source
+        )
+
+    harmlessness_sources = {
+        "ai": lambda: ai("red_team", "ai_harmless"),
+        "human": lambda: human("harmless-base", "human_harmless"),
+        "none": list,
+    }
+    helpfulness_sources = {
+        "ai": lambda: ai("helpful", "ai_helpful"),
+        "hh_rlhf": lambda: human("helpful-base", "human_helpful"),
+        "none": list,
+    }
+    if harmlessness not in harmlessness_sources:
+        raise ConfigError(f"{setting}.harmlessness={harmlessness!r}: use ai, human or none.")
+    if helpfulness not in helpfulness_sources:
+        raise ConfigError(f"{setting}.helpfulness={helpfulness!r}: use hh_rlhf, ai or none.")
+    harmless = harmlessness_sources[harmlessness]()
+    helpful = helpfulness_sources[helpfulness]()
+    if helpfulness_ratio is not None:
+        harmless, helpful = mix(harmless, helpful, float(helpfulness_ratio), int(seed))
+    counts = {"harmlessness_pairs": len(harmless), "helpfulness_pairs": len(helpful)}
+    return harmless + helpful, counts
+
+
+def mix(harmless: list, helpful: list, ratio: float, seed: int) -> tuple[list, list]:
+    """Harmlessness and helpfulness comparisons at `ratio` helpful per harmless one: the larger
+    side is subsampled (seeded), so every PM built from a config (RL-CAI's on AI labels, the
+    HH-RLHF baseline's on many more human ones) trains on the same mix."""
+    if not harmless or not helpful or ratio <= 0:
+        return harmless, [] if ratio <= 0 else helpful
+    rng = random.Random(f"{seed}/pm-mix")
+    if round(ratio * len(harmless)) > len(helpful):  # too few helpful: fewer harmless
+        harmless = rng.sample(harmless, max(1, round(len(helpful) / ratio)))
+    keep = min(len(helpful), round(ratio * len(harmless)))
+    return harmless, rng.sample(helpful, keep)
+
+
+def clean(comparisons: list[Comparison], what: str = "PM") -> tuple[list[Comparison], dict]:
+    """Skip and count labels that are NaN or outside [0, 1], and pairs with identical texts."""
+    kept, bad_label, identical = [], 0, 0
+    for c in comparisons:
+        if not (isinstance(c.p_a, (int, float)) and 0.0 <= c.p_a <= 1.0):  # NaN fails both
+            bad_label += 1
+        elif c.a == c.b:
+            identical += 1
+        else:
+            kept.append(c)
+    for count, why in ((bad_label, "labels NaN or outside [0, 1]"), (identical, "identical")):
+        if count:
+            log.warning("Skipped %d %s comparisons: %s.", count, what, why)
+    return kept, {"skipped_bad_label": bad_label, "skipped_identical": identical}

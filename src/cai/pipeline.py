@@ -74,7 +74,7 @@ def stage_inputs(cfg: DictConfig, name: str) -> dict:
     stage = get_stage(name)
     upstream = {u: artifact_key(cfg, u) for u in stage.upstream}
     variants = (
-        {v: artifact_key(vcfg, stage.variant_stage) for v, vcfg in stage.variants(cfg).items()}
+        {v: artifact_key(vcfg, last) for v, (vcfg, last) in stage.variants(cfg).items()}
         if stage.variants
         else {}
     )
@@ -128,9 +128,9 @@ def plan(cfg: DictConfig) -> tuple[list[Instance], dict[str, Instance]]:
                 key = artifact_key(run_cfg, upstream)
                 needed = Instance(get_stage(upstream), run_cfg, key, needed_by=name)
                 instance.inputs[upstream] = required.setdefault(needed.id, needed).id
-        for other, other_cfg in (stage.variants(run_cfg) if stage.variants else {}).items():
-            last = add(stage.variant_stage, other_cfg, other)
-            for input_name, input_id in _chain(ordered, last).items():
+        for other, (other_cfg, last) in (stage.variants(run_cfg) if stage.variants else {}).items():
+            last_id = add(last, other_cfg, other)
+            for input_name, input_id in _chain(ordered, last_id).items():
                 instance.inputs[f"{other}:{input_name}"] = input_id
         ordered[instance.id] = instance
         return instance.id

@@ -50,6 +50,15 @@ def answer_prompt(tokenizer, request: str, prompt_format: str) -> str:
     )
 
 
+def conversation_prompt(tokenizer, turns: list[dict], prompt_format: str) -> str:
+    """The prompt under which a model gives the next answer of a conversation ({"role",
+    "content"} turns ending with the human's): answer_prompt for one turn, the whole
+    conversation for several."""
+    if prompt_format == "raw":
+        return raw_conversation([Turn(t["role"], t["content"]) for t in turns]) + "\n\nAssistant:"
+    return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+
+
 class SLPrompts:
     """Builds initial-answer, critique and revision prompts for one constitution and format."""
 

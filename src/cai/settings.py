@@ -190,6 +190,30 @@ class PPOSettings:
 
 
 @dataclass
+class DPOSettings:
+    init: str = "sft"
+    harmlessness: str = "ai"  # ai | human | none
+    helpfulness: str = "ai"  # ai | hh_rlhf | none
+    helpfulness_ratio: float | None = num(1.0, 0.0)
+    max_human: int | None = num(512, 1)
+    beta: float = num(0.1, 1e-9)
+    loss: str = "sigmoid"  # sigmoid | ipo
+    labels: str = "soft"  # soft | hard
+    lr: float = num(5e-6, 1e-12)
+    weight_decay: float = num(0.0, 0.0)
+    betas: list[float] = items(0.9, 0.95)
+    warmup_steps: int = num(2, 0)
+    epochs: int = num(2, 1)
+    batch_size: int = num(8, 1)
+    micro_batch_tokens: int | None = num(512, 1)
+    max_length: int = num(512, 8)
+    max_steps: int = -1
+    cpu_attention: str | None = "sdpa"
+    snapshot_sequences: list[int] = items(64, 128)
+    checkpoint_every: int = num(4, 1)
+
+
+@dataclass
 class JudgeValidationSettings:
     answers_per_model: int | None = num(8, 1, 17)
     pairs_per_prompt: int = num(8, 1)
@@ -290,6 +314,7 @@ GROUPS: dict[str, type] = {
     "feedback": FeedbackSettings,
     "pm": PMSettings,
     "ppo": PPOSettings,
+    "dpo": DPOSettings,
     "judge": JudgeSettings,
     "eval": EvalSettings,
     "eval_hhh": EvalHHHSettings,

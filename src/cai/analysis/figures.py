@@ -41,6 +41,8 @@ LABELS = {
     "rl_cai_cot": "RL-CAI w/ CoT",
     "helpful_rlhf": "Helpful RLHF",
     "hh_rlhf": "HH RLHF",
+    "rl_cai_dpo": "RL-CAI (DPO)",
+    "hh_dpo": "HH DPO",
 }
 DIMENSIONS = ("helpfulness", "harmlessness")
 

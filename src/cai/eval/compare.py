@@ -50,7 +50,8 @@ from cai.results import boilerplate_rate, mean_interval, refusal_rate, row, wils
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("policy", "sft", "ppo")
+RL_SOURCES = ("ppo", "dpo")  # RL-CAI by PPO against a PM, or by DPO on the same labels
+SOURCES = ("policy", "sft", *RL_SOURCES)
 JUDGES = ("pm", "ai_feedback")
 DIMENSION_OF_KIND = {"red_team": "harmlessness", "helpful": "helpfulness"}  # paper, 3.3
 
@@ -101,17 +102,18 @@ def plan_models(
             points.append(Point(name, player(name, sl_model(inputs)), revisions=revisions))
         else:
             vcfg, artifacts = variants[name]
-            ppo = artifacts["ppo"]
-            start = model_cfg_for(vcfg, str(vcfg.ppo.init), "ppo.init", artifacts)
+            rl = artifacts[variant.source]  # ppo, or dpo (rl_sequences: training pairs seen)
+            init = str(vcfg[variant.source].init)
+            start = model_cfg_for(vcfg, init, f"{variant.source}.init", artifacts)
             common = {
-                "revisions": int(vcfg.sft.num_revisions) if vcfg.ppo.init == "sft" else None,
+                "revisions": int(vcfg.sft.num_revisions) if init == "sft" else None,
                 "cot": bool(vcfg.feedback.cot),
             }
             points.append(Point(name, player(f"{name}@0", start), rl_sequences=0, **common))
-            snapshots = [(int(s.split("_")[1]), ppo.path / "snapshots" / s) for s in _listed(ppo)]
-            final = int(ppo.manifest["metrics"].get("sequences", 0))
+            snapshots = [(int(s.split("_")[1]), rl.path / "snapshots" / s) for s in _listed(rl)]
+            final = int(rl.manifest["metrics"].get("sequences", 0))
             if not snapshots or snapshots[-1][0] < final:
-                snapshots.append((final, ppo.path / "model"))
+                snapshots.append((final, rl.path / "model"))
             if not cfg.eval.snapshots:
                 snapshots = snapshots[-1:]
             for sequences, folder in snapshots:

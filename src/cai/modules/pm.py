@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification
 
 from cai.artifacts import write_json_atomic
-from cai.comparisons import Comparison
+from cai.comparisons import Comparison, clean
 from cai.errors import ConfigError
 from cai.memory import padded_width
 from cai.models import load_model
@@ -165,35 +164,6 @@ class PMModule(TrainingModule):
 
 # ---------------------------------------------------------------------------------------------
 # 4. Training data and training
-
-
-def mix(harmless: list, helpful: list, ratio: float, seed: int) -> tuple[list, list]:
-    """Harmlessness and helpfulness comparisons at `ratio` helpful per harmless one: the larger
-    side is subsampled (seeded), so every PM built from a config (RL-CAI's on AI labels, the
-    HH-RLHF baseline's on many more human ones) trains on the same mix."""
-    if not harmless or not helpful or ratio <= 0:
-        return harmless, [] if ratio <= 0 else helpful
-    rng = random.Random(f"{seed}/pm-mix")
-    if round(ratio * len(harmless)) > len(helpful):  # too few helpful: fewer harmless
-        harmless = rng.sample(harmless, max(1, round(len(helpful) / ratio)))
-    keep = min(len(helpful), round(ratio * len(harmless)))
-    return harmless, rng.sample(helpful, keep)
-
-
-def clean(comparisons: list[Comparison]) -> tuple[list[Comparison], dict]:
-    """Skip and count labels that are NaN or outside [0, 1], and pairs with identical texts."""
-    kept, bad_label, identical = [], 0, 0
-    for c in comparisons:
-        if not (isinstance(c.p_a, (int, float)) and 0.0 <= c.p_a <= 1.0):  # NaN fails both
-            bad_label += 1
-        elif c.a == c.b:
-            identical += 1
-        else:
-            kept.append(c)
-    for count, what in ((bad_label, "labels NaN or outside [0, 1]"), (identical, "identical")):
-        if count:
-            log.warning("Skipped %d PM comparisons: %s.", count, what)
-    return kept, {"skipped_bad_label": bad_label, "skipped_identical": identical}
 
 
 def init_preference_model(

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from cai.modules.training import (
     full_precision_state_dict,
     rank_and_world,
     remaining_batches,
+    save_policy,
 )
 from cai.results import refusal_rate
 from cai.rl.ppo_math import (
@@ -375,16 +375,6 @@ def _select(rollout: Rollout, idx: torch.Tensor) -> Rollout:
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0
-
-
-def save_policy(policy, tokenizer, folder: Path, state_dict: dict | None = None) -> None:
-    """save_pretrained into a temporary folder, then rename: never a half-written snapshot.
-    `state_dict`: the weights to save (e.g. fp32 master weights) instead of the model's own."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(folder)
 
 
 class PromptBatches(pl.LightningDataModule):

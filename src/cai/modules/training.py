@@ -58,8 +58,9 @@ class TrainingModule(pl.LightningModule):
         self.start_step = 0
 
     @classmethod
-    def from_config(cls, model, stage: DictConfig, trainer: DictConfig):
-        """The module with a stage's optimiser settings (`sft`, `pm`) and the trainer's clip."""
+    def from_config(cls, model, stage: DictConfig, trainer: DictConfig, **extra):
+        """The module with a stage's optimiser settings (`sft`, `pm`, `dpo`) and the trainer's
+        clip; `extra`: the module's own arguments."""
         clip = trainer.get("gradient_clip_val")
         return cls(
             model,
@@ -70,6 +71,7 @@ class TrainingModule(pl.LightningModule):
             clip_norm=float(clip) if clip else None,
             cpu_attention=stage.get("cpu_attention"),
             micro_batch_tokens=stage.get("micro_batch_tokens"),
+            **extra,
         )
 
     def accumulate(self, losses) -> torch.Tensor:
@@ -440,3 +442,13 @@ def full_precision_state_dict(model, optimizer) -> dict[str, torch.Tensor]:
         name: by_storage.get(tensor.data_ptr(), tensor)
         for name, tensor in model.state_dict().items()
     }
+
+
+def save_policy(policy, tokenizer, folder: Path, state_dict: dict | None = None) -> None:
+    """save_pretrained into a temporary folder, then rename: never a half-written snapshot.
+    `state_dict`: the weights to save (e.g. fp32 master weights) instead of the model's own."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(folder)

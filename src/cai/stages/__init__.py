@@ -10,6 +10,7 @@ stage imports another.
 from __future__ import annotations
 
 from cai.stages import (
+    dpo,
     eval,
     eval_hhh,
     feedback,
@@ -31,6 +32,7 @@ STAGES: dict[str, Stage] = {
         feedback.STAGE,
         pm.STAGE,
         ppo.STAGE,
+        dpo.STAGE,
         judge.STAGE,
         eval.STAGE,
         eval_hhh.STAGE,

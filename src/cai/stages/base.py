@@ -54,10 +54,10 @@ class Stage:
     fingerprints: Callable[[DictConfig], dict] | None = None  # of the input files it reads
     check: Callable[[DictConfig], None] | None = None  # raises ConfigError on bad settings
     distributed: bool = False  # trains with Lightning: every process of a multi-device run joins
-    # RL variants it compares (eval): {name: config}; the runner plans and builds each one's
-    # chain up to `variant_stage` before this stage, and passes them as "<name>:<stage>"
-    variants: Callable[[DictConfig], dict[str, DictConfig]] | None = None
-    variant_stage: str = "ppo"
+    # RL variants it compares (eval): {name: (config, last stage: ppo or dpo)}; the runner plans
+    # and builds each one's chain up to its last stage before this stage, and passes the
+    # artifacts in as "<name>:<stage>"
+    variants: Callable[[DictConfig], dict[str, tuple[DictConfig, str]]] | None = None
 
     def inputs(
         self, cfg: DictConfig, upstream_keys: dict[str, str], variant_keys: dict[str, str]

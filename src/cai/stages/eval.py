@@ -27,6 +27,7 @@ from cai.errors import ConfigError
 from cai.eval.compare import (
     DIMENSION_OF_KIND,
     JUDGES,
+    RL_SOURCES,
     SOURCES,
     AIJudge,
     ai_feedback_judgements,
@@ -55,7 +56,7 @@ def run(cfg: DictConfig, inputs: dict[str, Artifact], work_dir: Path) -> dict:
     # 1. The models compared: the helpful model, SL-CAI, every RL variant's snapshots (built
     # before this stage by the runner, passed in as "<variant>:<stage>"), extra models
     variants = {
-        name: (vcfg, variant_inputs(inputs, name)) for name, vcfg in rl_variants(cfg).items()
+        name: (vcfg, variant_inputs(inputs, name)) for name, (vcfg, _) in rl_variants(cfg).items()
     }
     points, players = plan_models(cfg, inputs, variants)
 
@@ -130,12 +131,13 @@ def run(cfg: DictConfig, inputs: dict[str, Artifact], work_dir: Path) -> dict:
     }
 
 
-def rl_variants(cfg: DictConfig) -> dict[str, DictConfig]:
-    """{name: config with its overrides} of every RL variant in eval.models."""
+def rl_variants(cfg: DictConfig) -> dict[str, tuple[DictConfig, str]]:
+    """{name: (config with its overrides, its last stage: ppo or dpo)} of every RL variant in
+    eval.models."""
     return {
-        name: variant_config(cfg, cfg.eval.variants[name].get("overrides"))
+        name: (variant_config(cfg, cfg.eval.variants[name].get("overrides")), source)
         for name in cfg.eval.models
-        if cfg.eval.variants[name].source == "ppo"
+        if (source := cfg.eval.variants[name].source) in RL_SOURCES
     }
 
 
@@ -204,5 +206,4 @@ STAGE = Stage(
     fingerprints=fingerprints,
     check=check_settings,
     variants=rl_variants,
-    variant_stage="ppo",
 )

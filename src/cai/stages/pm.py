@@ -15,13 +15,13 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from cai.artifacts import Artifact, read_jsonl
-from cai.comparisons import Comparison, answer_turns, human_comparisons
+from cai.comparisons import preference_comparisons
 from cai.config import model_cfg_for
-from cai.data import hh_rlhf_comparisons, hh_split_rule
+from cai.data import hh_split_rule
 from cai.errors import ConfigError
 from cai.eval.validation import validate_pm
 from cai.models import count_parameters
-from cai.modules.pm import mix, train_preference_model
+from cai.modules.pm import train_preference_model
 from cai.modules.training import is_follower
 from cai.paper_samples import fingerprint as paper_samples_fingerprint
 from cai.preference import PreferenceModel, human_eval_sets, score_pair_sets
@@ -32,7 +32,10 @@ from cai.stages.base import TRAINER_RUNTIME, Stage
 def run(cfg: DictConfig, inputs: dict[str, Artifact], work_dir: Path) -> dict:
     # 1. Training comparisons: AI harmlessness labels (or human, or none) and helpfulness
     pm = cfg.pm
-    comparisons, counts = training_comparisons(cfg, inputs)
+    comparisons, counts = preference_comparisons(
+        read_jsonl(inputs["feedback"].file("labels.jsonl")), pm.harmlessness, pm.helpfulness,
+        pm.helpfulness_ratio, pm.max_human, cfg.paths.data_dir, cfg.seed,
+    )  # fmt: skip
     if not comparisons:
         raise ConfigError(
             f"No PM training comparisons (pm.harmlessness={pm.harmlessness}, "
@@ -65,52 +68,6 @@ def run(cfg: DictConfig, inputs: dict[str, Artifact], work_dir: Path) -> dict:
         "helpfulness": str(pm.helpfulness),
         "init": str(pm.init),
     }
-
-
-def training_comparisons(cfg: DictConfig, inputs: dict[str, Artifact]) -> tuple[list, dict]:
-    """The PM's training comparisons per `pm.harmlessness` and `pm.helpfulness`, mixed at
-    `pm.helpfulness_ratio` helpfulness comparisons per harmlessness comparison."""
-    pm = cfg.pm
-    labels = read_jsonl(inputs["feedback"].file("labels.jsonl"))
-
-    def ai(kind: str, source: str) -> list[Comparison]:
-        """AI labels of the feedback stage for pairs of this kind (red_team, helpful)."""
-        return [
-            Comparison(
-                answer_turns(r["prompt"], r["answer_a"]),
-                answer_turns(r["prompt"], r["answer_b"]),
-                r["p_a"],
-                source,
-            )
-            for r in labels
-            if r.get("kind", "red_team") == kind
-        ]
-
-    def human(subset: str, source: str) -> list[Comparison]:
-        """Human comparisons of hh-rlhf `subset`, split pm_train."""
-        pairs = hh_rlhf_comparisons(cfg.paths.data_dir, subset, "pm_train")[: pm.max_human]
-        return human_comparisons(pairs, source)
-
-    harmlessness_sources = {
-        "ai": lambda: ai("red_team", "ai_harmless"),
-        "human": lambda: human("harmless-base", "human_harmless"),
-        "none": list,
-    }
-    helpfulness_sources = {
-        "ai": lambda: ai("helpful", "ai_helpful"),
-        "hh_rlhf": lambda: human("helpful-base", "human_helpful"),
-        "none": list,
-    }
-    if pm.harmlessness not in harmlessness_sources:
-        raise ConfigError(f"pm.harmlessness={pm.harmlessness!r}: use ai, human or none.")
-    if pm.helpfulness not in helpfulness_sources:
-        raise ConfigError(f"pm.helpfulness={pm.helpfulness!r}: use hh_rlhf, ai or none.")
-    harmless = harmlessness_sources[pm.harmlessness]()
-    helpful = helpfulness_sources[pm.helpfulness]()
-    if pm.helpfulness_ratio is not None:
-        harmless, helpful = mix(harmless, helpful, float(pm.helpfulness_ratio), int(cfg.seed))
-    counts = {"harmlessness_pairs": len(harmless), "helpfulness_pairs": len(helpful)}
-    return harmless + helpful, counts
 
 
 def evaluate(cfg: DictConfig, scorer: PreferenceModel, name: str, parameters: int):

@@ -28,9 +28,8 @@ from cai.modules.ppo import (
     PromptBatches,
     ValueHead,
     minibatch_size,
-    save_policy,
 )
-from cai.modules.training import fit, is_follower, training_dtype
+from cai.modules.training import fit, is_follower, save_policy, training_dtype
 from cai.preference import PreferenceModel
 from cai.prompting import answer_prompt
 from cai.stages.base import TRAINER_RUNTIME, Stage
