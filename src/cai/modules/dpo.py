@@ -203,7 +203,7 @@ class DPOModule(TrainingModule):
         for name, value in metrics.items():
             self.log(name, value, prog_bar=name == "rewards/accuracies", batch_size=n)
         self.log("train/pairs_per_s", self.pairs_seen / elapsed, batch_size=n)
-        self.history.append({"train/loss": float(loss), "train/pairs": self.pairs_seen}
+        self.history.append({"train/loss": float(loss.detach()), "train/pairs": self.pairs_seen}
                             | {k: float(v) for k, v in metrics.items()})  # fmt: skip
         return loss
 
