@@ -104,3 +104,26 @@ def run_train(args: list[str], tmp: Path, timeout: int = 600, env: dict | None =
         text=True,
         timeout=timeout,
     )
+
+
+class FitKilled(RuntimeError):
+    """What `kill_fits_at_step` raises inside a Lightning fit."""
+
+
+def kill_fits_at_step(monkeypatch, step: int) -> None:
+    """Every Lightning fit started from now on raises FitKilled once it reaches `step` (after
+    that step's checkpoint callback has had its turn): a run killed mid-training.
+    `monkeypatch.undo()` lets fits run again."""
+    import pytorch_lightning as pl
+
+    class Kill(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == step:
+                raise FitKilled(f"killed at step {step}")
+
+    original = pl.Trainer.__init__
+
+    def with_kill(self, *args, callbacks=None, **kwargs):
+        original(self, *args, callbacks=[*(callbacks or []), Kill()], **kwargs)
+
+    monkeypatch.setattr(pl.Trainer, "__init__", with_kill)

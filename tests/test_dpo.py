@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import TINY_STAGES
+from conftest import TINY_STAGES, FitKilled, kill_fits_at_step
 
 from cai.rl.dpo_math import dpo_loss, dpo_margins, hard_labels, reward_metrics
 
@@ -172,21 +172,8 @@ def test_dpo_resumes_after_a_kill_to_the_same_artifact(make_cfg, tmp_path, monke
                         "pipeline.stages=[generate_sl,sft,generate_pairs,feedback]")  # fmt: skip
     run(upstream)  # built without a kill: the kill is for the DPO fit
 
-    class Killed(RuntimeError):
-        pass
-
-    class Kill(pl.Callback):
-        def on_train_batch_end(self, trainer, *args):
-            if trainer.global_step == 2:
-                raise Killed("killed at step 2")
-
-    original = pl.Trainer.__init__
-
-    def with_kill(self, *args, callbacks=None, **kwargs):
-        original(self, *args, callbacks=[*(callbacks or []), Kill()], **kwargs)
-
-    monkeypatch.setattr(pl.Trainer, "__init__", with_kill)
-    with pytest.raises(Killed):
+    kill_fits_at_step(monkeypatch, 2)
+    with pytest.raises(FitKilled):
         run(cfg)
     monkeypatch.undo()
     partial = Path(cfg.paths.artifact_dir) / "dpo" / f"{artifact_key(cfg, 'dpo')}.partial"

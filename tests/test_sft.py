@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import FitKilled, kill_fits_at_step
 from transformers import AutoModelForCausalLM
 
 from cai import pipeline
@@ -190,7 +191,6 @@ def test_sft_key_follows_target_revision_not_sl_data(make_cfg):
 
 
 def test_killed_training_resumes_from_its_checkpoint(make_cfg, monkeypatch):
-    import pytorch_lightning as pl
 
     cfg = make_cfg(*SMALL, "sft.checkpoint_every=1", "sft.batch_size=2")
     pipeline.run(
@@ -200,21 +200,8 @@ def test_killed_training_resumes_from_its_checkpoint(make_cfg, monkeypatch):
         )
     )
 
-    class Killed(RuntimeError):
-        pass
-
-    class Kill(pl.Callback):
-        def on_train_batch_end(self, trainer, *args):
-            if trainer.global_step == 2:
-                raise Killed("killed at step 2")
-
-    original = pl.Trainer.__init__
-
-    def with_kill(self, *args, callbacks=None, **kwargs):
-        original(self, *args, callbacks=[*(callbacks or []), Kill()], **kwargs)
-
-    monkeypatch.setattr(pl.Trainer, "__init__", with_kill)
-    with pytest.raises(Killed):
+    kill_fits_at_step(monkeypatch, 2)
+    with pytest.raises(FitKilled):
         pipeline.run(cfg)
     monkeypatch.undo()
     key = pipeline.artifact_key(cfg, "sft")

@@ -18,7 +18,7 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from cai.artifacts import atomic_path
+from cai.artifacts import atomic_path, write_json_atomic, write_jsonl_atomic
 from cai.errors import ArtifactError, ConfigError
 from cai.loggers import build_loggers
 from cai.memory import release_freed_memory, trim_heap_if_grown
@@ -452,3 +452,18 @@ def save_policy(policy, tokenizer, folder: Path, state_dict: dict | None = None)
     policy.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     tmp.rename(folder)
+
+
+def save_trained_policy(
+    policy, tokenizer, work_dir: Path, state_dict: dict | None, history: list[dict]
+) -> list[str]:
+    """What an RL stage (ppo, dpo) writes at the end: the final policy in `work_dir/model`
+    (`state_dict`: e.g. fp32 master weights), its metrics per step in metrics.jsonl, and the
+    finished snapshots (`work_dir/snapshots/seq_<n>`) in snapshots.json. Returns that list."""
+    save_policy(policy, tokenizer, work_dir / "model", state_dict)
+    write_jsonl_atomic(work_dir / "metrics.jsonl", history)
+    snapshots = sorted(  # finished snapshots only (a killed save leaves seq_<n>.tmp)
+        p.name for p in (work_dir / "snapshots").glob("seq_*") if not p.name.endswith(".tmp")
+    )
+    write_json_atomic(work_dir / "snapshots.json", snapshots)
+    return snapshots

@@ -18,14 +18,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from cai.artifacts import Artifact, read_jsonl, write_json_atomic, write_jsonl_atomic
+from cai.artifacts import Artifact, read_jsonl, write_json_atomic
 from cai.comparisons import clean, preference_comparisons
 from cai.config import model_cfg_for
 from cai.data import hh_split_rule
 from cai.errors import ConfigError
 from cai.models import load_model
 from cai.modules.dpo import DPOModule, PreferenceDataModule, encode_preferences, reference_logprobs
-from cai.modules.training import fit, is_follower, save_policy, training_dtype
+from cai.modules.training import fit, is_follower, save_trained_policy, training_dtype
 from cai.rl.dpo_math import LOSSES, hard_labels
 from cai.stages.base import TRAINER_RUNTIME, Stage
 
@@ -88,12 +88,7 @@ def run(cfg: DictConfig, inputs: dict[str, Artifact], work_dir: Path) -> dict:
         return trained
 
     # 5. Save the final policy (fp32 master weights), the metrics and the list of snapshots
-    save_policy(policy, tokenizer, work_dir / "model", module.final_state)
-    write_jsonl_atomic(work_dir / "metrics.jsonl", module.history)
-    snapshots = sorted(  # finished snapshots only (a killed save leaves seq_<n>.tmp)
-        p.name for p in (work_dir / "snapshots").glob("seq_*") if not p.name.endswith(".tmp")
-    )
-    write_json_atomic(work_dir / "snapshots.json", snapshots)
+    snapshots = save_trained_policy(policy, tokenizer, work_dir, module.final_state, module.history)
     history = module.history
     return {
         **counts,

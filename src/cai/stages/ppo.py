@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from cai.artifacts import Artifact, write_json_atomic, write_jsonl_atomic
+from cai.artifacts import Artifact
 from cai.comparisons import answer_turns
 from cai.config import model_cfg_for
 from cai.errors import ConfigError
@@ -29,7 +29,7 @@ from cai.modules.ppo import (
     ValueHead,
     minibatch_size,
 )
-from cai.modules.training import fit, is_follower, save_policy, training_dtype
+from cai.modules.training import fit, is_follower, save_trained_policy, training_dtype
 from cai.preference import PreferenceModel
 from cai.prompting import answer_prompt
 from cai.stages.base import TRAINER_RUNTIME, Stage
@@ -96,12 +96,7 @@ def run(cfg: DictConfig, inputs: dict[str, Artifact], work_dir: Path) -> dict:
         return trained
 
     # 5. Save the final policy, the metrics per iteration and the list of snapshots
-    save_policy(policy, tokenizer, work_dir / "model", module.final_state)
-    write_jsonl_atomic(work_dir / "metrics.jsonl", module.history)
-    snapshots = sorted(  # finished snapshots only (a killed save leaves seq_<n>.tmp)
-        p.name for p in (work_dir / "snapshots").glob("seq_*") if not p.name.endswith(".tmp")
-    )
-    write_json_atomic(work_dir / "snapshots.json", snapshots)
+    snapshots = save_trained_policy(policy, tokenizer, work_dir, module.final_state, module.history)
     return {
         **trained,
         "sequences": module.sequences,
