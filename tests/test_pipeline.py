@@ -203,3 +203,14 @@ def test_plan_says_reuse_for_built_artifacts(make_cfg, capsys):
     pipeline.run(cfg)
     actions = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()}
     assert actions["generate_sl"] == "read" and actions["sft"] == "build"
+
+
+def test_dpo_vs_ppo_experiment_plans_both_methods_and_their_human_baselines(make_cfg, capsys):
+    """experiment=dpo_vs_ppo: RL-CAI by PPO and by DPO from the same SL-CAI and labels, and the
+    HH-RLHF / HH-DPO baselines on human comparisons, planned as instances of one experiment."""
+    cfg = make_cfg("model=tiny", "experiment=dpo_vs_ppo", "pipeline.plan=true")
+    pipeline.run(cfg)
+    labels = [line.split()[0] for line in capsys.readouterr().out.strip().splitlines()[1:]]
+    assert labels[-1] == "eval"
+    assert {"dpo[rl_cai_dpo]", "pm[hh_rlhf]", "ppo[hh_rlhf]", "dpo[hh_dpo]"} <= set(labels)
+    assert labels.count("feedback") == 1 and labels.count("sft") == 1  # one SL-CAI, one labelling

@@ -444,7 +444,11 @@ def figure8(table: pd.DataFrame, paper: dict):
         for (_run, method, judge), group in mine.groupby(["run_id", "method", "judge"]):
             group = group.sort_values("rl_sequences")
             _with_interval(ax, group.rl_sequences, group, f"{_label(method)} [{judge}]", "o-")
-        ax.set(title=f"This project: {dimension} Elo", xlabel="RL training sequences", ylabel="Elo")
+        ax.set(
+            title=f"This project: {dimension} Elo",
+            xlabel="RL training sequences (DPO: training pairs)",
+            ylabel="Elo",
+        )
         ax.legend(fontsize=7)
     fig.suptitle("Figure 8: Elo against RL training sequences")
     fig.tight_layout()
