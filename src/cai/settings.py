@@ -123,6 +123,7 @@ class PairsSettings:
 @dataclass
 class FeedbackSettings:
     model: str = "policy"
+    function: str | None = None  # package.module:name labelling instead of the model
     num_principles: int = num(1, 1)
     swap: bool = True
     cot: bool = False

@@ -24,6 +24,7 @@ from cai.config import model_cfg_for
 from cai.errors import ConfigError
 from cai.generation import build_engine
 from cai.inputs import input_fingerprints, load_inputs
+from cai.labellers import function_fingerprint, label_with_function, load_function
 from cai.stages.base import GENERATION_RUNTIME, Stage
 
 log = logging.getLogger(__name__)
@@ -50,12 +51,20 @@ def run(cfg: DictConfig, inputs: dict[str, Artifact], work_dir: Path) -> dict:
             "repeated answer. Sample more (pairs.max_new_tokens, pairs.temperature)."
         )
 
-    # 2. The feedback model (paper: a pretrained LM, kept apart from the policy being trained)
-    prompts = FeedbackPrompts(
-        constitution, str(cfg.feedback.helpfulness_principle), seed=int(cfg.seed)
-    )
-    model_cfg = model_cfg_for(cfg, str(cfg.feedback.model), "feedback.model", inputs)
-    engine = build_engine(cfg.generation, model_cfg, cfg.paths.cache_dir)
+    # 2. The labeller: the feedback model (paper: a pretrained LM, kept apart from the policy
+    # being trained), or a Python function (feedback.function: a rule, an external classifier)
+    if cfg.feedback.function:
+        fn, engine = load_function(cfg.feedback.function, "feedback.function"), None
+
+        def label(batch: list[Comparison]) -> list[dict]:
+            return label_with_function(fn, batch, settings.swap, "feedback.function")
+    else:
+        prompts = FeedbackPrompts(constitution, cfg.feedback.helpfulness_principle, seed=cfg.seed)
+        model_cfg = model_cfg_for(cfg, str(cfg.feedback.model), "feedback.model", inputs)
+        engine = build_engine(cfg.generation, model_cfg, cfg.paths.cache_dir)
+
+        def label(batch: list[Comparison]) -> list[dict]:
+            return label_comparisons(engine, prompts, batch, settings, cfg.seed)
 
     # 3. Labels by chunks of comparisons (a rerun skips finished parts)
     parts = PartWriter(work_dir / "parts")
@@ -64,12 +73,7 @@ def run(cfg: DictConfig, inputs: dict[str, Artifact], work_dir: Path) -> dict:
     resumed = sum(parts.done(i // chunk) for i in starts)
     for start in tqdm(starts, desc="feedback chunks", unit="chunk"):
         if not parts.done(start // chunk):
-            parts.write(
-                start // chunk,
-                label_comparisons(
-                    engine, prompts, comparisons[start : start + chunk], settings, int(cfg.seed)
-                ),
-            )
+            parts.write(start // chunk, label(comparisons[start : start + chunk]))
     records = parts.read_all()
     write_jsonl_atomic(work_dir / "labels.jsonl", records)
     shutil.rmtree(work_dir / "parts", ignore_errors=True)
@@ -82,8 +86,23 @@ def run(cfg: DictConfig, inputs: dict[str, Artifact], work_dir: Path) -> dict:
         "position_bias": round(mean([r["position_bias"] for r in records]), 4),
         "queries_per_comparison": len(records[0]["queries"]),
         "resumed_chunks": resumed,
+        "labeller": cfg.feedback.function or "model",
         "engine": getattr(engine, "stats", {}),
     }
+
+
+def check_settings(cfg: DictConfig) -> None:
+    LabelSettings.from_config(cfg.feedback)
+    if cfg.feedback.function:
+        load_function(cfg.feedback.function, "feedback.function")
+
+
+def fingerprints(cfg: DictConfig) -> dict:
+    """The prompts and constitution read, and (feedback.function) the file of the function."""
+    function = cfg.feedback.function
+    return input_fingerprints(cfg) | (
+        {"function": function_fingerprint(function, "feedback.function")} if function else {}
+    )
 
 
 STAGE = Stage(
@@ -92,6 +111,6 @@ STAGE = Stage(
     settings=("model", "constitution", "feedback", "generation"),
     upstream=("generate_pairs", "sft"),
     runtime=("feedback.chunk_size", *GENERATION_RUNTIME),
-    fingerprints=input_fingerprints,
-    check=lambda cfg: LabelSettings.from_config(cfg.feedback),
+    fingerprints=fingerprints,
+    check=check_settings,
 )
