@@ -70,3 +70,14 @@ def test_feedback_stage_labels_with_the_rule_and_the_pm_reads_them(make_cfg):
     assert artifact.manifest["metrics"]["labeller"] == "cai.labellers:prefers_refusal"
     with pytest.raises(ConfigError, match="feedback.function='nope:f'"):
         run(make_cfg(*TINY_STAGES, stages, "feedback.function=nope:f"))
+
+
+def test_the_ai_judge_is_independent_of_a_pm_labelled_by_a_function(make_cfg):
+    from cai.eval.compare import ai_judge_independence
+
+    by_model = ai_judge_independence(make_cfg("model=tiny"), {})
+    assert by_model["same_model_as_feedback"] and not by_model["independent"]  # offline default
+    by_rule = ai_judge_independence(
+        make_cfg("model=tiny", "feedback.function=cai.labellers:prefers_refusal"), {}
+    )
+    assert by_rule["independent"] and not by_rule["same_model_as_feedback"]

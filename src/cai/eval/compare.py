@@ -311,7 +311,11 @@ def ai_judge_prompts(cfg: DictConfig):
 
 def ai_judge_independence(cfg: DictConfig, upstream: dict[str, Artifact]) -> dict:
     """Whether the AI-feedback judge is independent of the PM that trained the RL models it
-    judges: no shared principles, a different helpfulness question, a different model."""
+    judges: no shared principles, a different helpfulness question, a different model. A PM
+    labelled by a function (feedback.function) shares none of them with the judge."""
+    if cfg.feedback.function:
+        return {"independent": True, "same_model_as_feedback": False, "shared_principles": 0,
+                "same_helpfulness_question": False, "labeller": cfg.feedback.function}  # fmt: skip
     constitution, _ = load_inputs(cfg)
     node = cfg.eval.ai_feedback
 

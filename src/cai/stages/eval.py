@@ -199,6 +199,7 @@ STAGE = Stage(
         "sft.num_revisions",
         "generation",
         "feedback.model",  # the AI judge's independence is recorded in its rows
+        "feedback.function",
         "feedback.helpfulness_principle",
     ),
     upstream=("generate_sl", "sft", "judge"),
