@@ -22,11 +22,7 @@ from pathlib import Path
 
 from cai.comparisons import Comparison
 from cai.errors import ConfigError
-from cai.results import refusal_rate
-
-
-def is_refusal(answer: str) -> bool:
-    return refusal_rate([answer]) == 1.0
+from cai.results import is_refusal
 
 
 def prefers_refusal(prompt: str, answer_a: str, answer_b: str, kind: str = "red_team") -> float:

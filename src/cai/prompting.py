@@ -43,17 +43,13 @@ def raw_conversation(turns: Sequence[Turn]) -> str:
 def answer_prompt(tokenizer, request: str, prompt_format: str) -> str:
     """The prompt under which a model answers a bare request: "\n\nHuman: ..\n\nAssistant:"
     (raw) or the chat template with the generation prompt (chat)."""
-    if prompt_format == "raw":
-        return raw_conversation([Turn("user", request)]) + "\n\nAssistant:"
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": request}], tokenize=False, add_generation_prompt=True
-    )
+    return conversation_prompt(tokenizer, [{"role": "user", "content": request}], prompt_format)
 
 
 def conversation_prompt(tokenizer, turns: list[dict], prompt_format: str) -> str:
     """The prompt under which a model gives the next answer of a conversation ({"role",
-    "content"} turns ending with the human's): answer_prompt for one turn, the whole
-    conversation for several."""
+    "content"} turns ending with the human's): the raw transcript then "\n\nAssistant:", or the
+    chat template with the generation prompt."""
     if prompt_format == "raw":
         return raw_conversation([Turn(t["role"], t["content"]) for t in turns]) + "\n\nAssistant:"
     return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)

@@ -97,6 +97,11 @@ BOILERPLATE_PHRASES = (
 )  # fmt: skip
 
 
+def is_refusal(answer: str) -> bool:
+    """Whether an answer refuses or evades (REFUSAL_PHRASES)."""
+    return phrase_rate([answer], REFUSAL_PHRASES) == 1.0
+
+
 def refusal_rate(answers: list[str]) -> float:
     """Fraction of answers that refuse or evade (REFUSAL_PHRASES)."""
     return phrase_rate(answers, REFUSAL_PHRASES)

@@ -1,7 +1,7 @@
 """DPO (Rafailov et al. 2023) of a causal LM on labelled answer pairs, against a frozen reference.
 
 Each comparison becomes two token sequences, conversation + answer A and conversation + answer
-B (labels on the answer tokens and the end token only, as in SFT). The reference's summed
+B (cai.modules.sft.encode_conversation: labels on the answer tokens and the end token only). The reference's summed
 log-probabilities of each answer are computed once, before training, and cached by the stage;
 a training step then needs the policy's forward and backward only. The maths are the pure
 functions of `cai.rl.dpo_math`.
@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from cai.comparisons import Comparison
 from cai.memory import padded_width
 from cai.modules.logprobs import token_logprobs
-from cai.modules.sft import IGNORE, Example, bucketed_batches, collate
+from cai.modules.sft import IGNORE, Example, bucketed_batches, collate, encode_conversation
 from cai.modules.training import (
     TrainingModule,
     full_precision_state_dict,
@@ -30,7 +30,6 @@ from cai.modules.training import (
     save_policy,
     shard_batches,
 )
-from cai.prompting import conversation_prompt
 from cai.rl.dpo_math import dpo_loss, dpo_margins, reward_metrics
 
 # ---------------------------------------------------------------------------------------------
@@ -46,26 +45,14 @@ class EncodedPreference:
     ref_b: float = 0.0
 
 
-def encode_answer(tokenizer, turns: list[dict], prompt_format: str) -> Example:
-    """Tokens of the conversation before the last turn, then the last turn's answer and the end
-    token; labels on the answer and the end token."""
-    prompt = conversation_prompt(tokenizer, turns[:-1], prompt_format)
-    answer = turns[-1]["content"]
-    if prompt_format == "raw":
-        answer = " " + answer
-    prompt_ids = tokenizer(prompt, add_special_tokens=prompt_format != "chat").input_ids
-    answer_ids = tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-    return Example(prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids, "")
-
-
 def encode_preferences(
     comparisons: list[Comparison], tokenizer, prompt_format: str, max_length: int
 ) -> tuple[list[EncodedPreference], int]:
     """The pairs whose both sequences fit `max_length` tokens, and how many did not."""
     pairs = [
         EncodedPreference(
-            encode_answer(tokenizer, c.a, prompt_format),
-            encode_answer(tokenizer, c.b, prompt_format),
+            encode_conversation(tokenizer, c.a, prompt_format),
+            encode_conversation(tokenizer, c.b, prompt_format),
             float(c.p_a),
         )
         for c in comparisons

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from cai.artifacts import Artifact, read_jsonl
+from cai.comparisons import answer_turns
 from cai.errors import ConfigError
 from cai.memory import padded_width
 from cai.modules.logprobs import token_logprobs
@@ -28,7 +29,7 @@ from cai.modules.training import (
     row_slices,
     shard_batches,
 )
-from cai.prompting import answer_prompt
+from cai.prompting import conversation_prompt
 
 log = logging.getLogger(__name__)
 IGNORE = -100  # label of tokens that carry no loss (the prompt, padding)
@@ -57,7 +58,17 @@ def encode_example(
 
     A response cut off by the length limit (`ended=False`) gets no end token: teaching the model
     to stop where the sampler was cut off would teach it to end mid-sentence."""
-    prompt = answer_prompt(tokenizer, prompt_text, prompt_format)
+    turns = answer_turns(prompt_text, response)
+    return encode_conversation(tokenizer, turns, prompt_format, prompt_id, ended)
+
+
+def encode_conversation(
+    tokenizer, turns: list[dict], prompt_format: str, prompt_id: str = "", ended: bool = True
+) -> Example:
+    """Tokens of the conversation before the last turn, then the last turn's answer and (when
+    it `ended`) the end token; labels on the answer and the end token only."""
+    prompt = conversation_prompt(tokenizer, turns[:-1], prompt_format)
+    response = turns[-1]["content"]
     if prompt_format == "raw":
         response = " " + response
     prompt_ids = tokenizer(prompt, add_special_tokens=prompt_format != "chat").input_ids

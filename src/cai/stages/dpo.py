@@ -66,9 +66,8 @@ def run(cfg: DictConfig, inputs: dict[str, Artifact], work_dir: Path) -> dict:
     # 3. The reference: the same weights before training, its log-probabilities computed once
     # and kept in the work folder (a resumed run reads them back)
     cache = work_dir / "reference_logprobs.json"
-    if cache.is_file() and len(json.loads(cache.read_text())) == len(pairs):
-        reference = [tuple(r) for r in json.loads(cache.read_text())]
-    else:
+    reference = json.loads(cache.read_text()) if cache.is_file() else []
+    if len(reference) != len(pairs):
         reference = reference_logprobs(policy, pairs, tokenizer.pad_token_id)
         write_json_atomic(cache, reference)
     pairs = [
