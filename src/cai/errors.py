@@ -15,3 +15,7 @@ class ModelUnavailable(CAIError):
 
 class ArtifactError(CAIError):
     """An artifact that is missing, unfinished, or cannot be written."""
+
+
+class EndpointError(CAIError):
+    """A served labeller (an OpenAI-compatible HTTP endpoint) that cannot be used as configured."""

@@ -121,8 +121,22 @@ class PairsSettings:
 
 
 @dataclass
+class EndpointSettings:
+    """A labeller served over HTTP (`<group>.model=http`): an OpenAI-compatible completions API."""
+
+    url: str | None = None  # base URL, e.g. http://gpu-node:8000/v1
+    model: str = ""  # the served model's name ("" when the server serves one model)
+    api_key_env: str | None = None  # environment variable holding the API key
+    concurrency: int = num(4, 1)
+    timeout_s: float = num(120.0, 1e-9)
+    retries: int = num(3, 0)
+    backoff_s: float = num(1.0, 0.0)
+
+
+@dataclass
 class FeedbackSettings:
-    model: str = "policy"
+    model: str = "policy"  # policy | sft | a preset | a folder | http (feedback.endpoint)
+    endpoint: EndpointSettings = field(default_factory=EndpointSettings)
     function: str | None = None  # package.module:name labelling instead of the model
     num_principles: int = num(1, 1)
     swap: bool = True
@@ -255,7 +269,8 @@ class VariantSettings:
 
 @dataclass
 class AIJudgeSettings:
-    model: str = "policy"
+    model: str = "policy"  # as feedback.model; http: eval.ai_feedback.endpoint
+    endpoint: EndpointSettings = field(default_factory=EndpointSettings)
     num_principles: int = num(1, 1)
     swap: bool = True
     max_comparisons: int | None = num(48, 1)

@@ -41,7 +41,7 @@ from cai.errors import ConfigError
 from cai.eval.elo import Comparisons, bootstrap_elo
 from cai.eval.judges import judge_name
 from cai.eval.validation import validate_pairwise, validation_settings
-from cai.generation import Request, build_engine, engine_tokenizer, request_seed
+from cai.generation import Request, build_engine, endpoint_engine, engine_tokenizer, request_seed
 from cai.inputs import load_inputs
 from cai.memory import release_freed_memory
 from cai.paper_samples import load_answers
@@ -238,7 +238,12 @@ class AIJudge:
     def __init__(self, cfg: DictConfig, upstream: dict[str, Artifact]):
         node = cfg.eval.ai_feedback
         self.cfg = cfg
-        self.model_cfg = model_cfg_for(cfg, str(node.model), "eval.ai_feedback.model", upstream)
+        self.served = str(node.model) == "http"  # eval.ai_feedback.endpoint
+        self.model_cfg = (
+            served_model(node.endpoint)
+            if self.served
+            else model_cfg_for(cfg, str(node.model), "eval.ai_feedback.model", upstream)
+        )
         self.prompts = ai_judge_prompts(cfg)
         self.settings = LabelSettings(num_principles=int(node.num_principles), swap=bool(node.swap))
         self._engine = None
@@ -246,10 +251,25 @@ class AIJudge:
     def label(self, comparisons: list) -> list[dict]:
         if self._engine is None:
             cfg = self.cfg
-            self._engine = build_engine(cfg.generation, self.model_cfg, cfg.paths.cache_dir)
+            self._engine = (
+                endpoint_engine(
+                    cfg.eval.ai_feedback.endpoint,
+                    "eval.ai_feedback.endpoint",
+                    bool(cfg.generation.progress),
+                )
+                if self.served
+                else build_engine(cfg.generation, self.model_cfg, cfg.paths.cache_dir)
+            )
         return label_comparisons(
             self._engine, self.prompts, comparisons, self.settings, int(self.cfg.seed)
         )
+
+
+def served_model(endpoint: DictConfig) -> DictConfig:
+    """What the rows record of a served judge: the served model's name and the URL."""
+    return OmegaConf.create(
+        {"name": str(endpoint.get("model") or "served"), "path": str(endpoint.get("url"))}
+    )
 
 
 def ai_feedback_judgements(
@@ -319,12 +339,16 @@ def ai_judge_independence(cfg: DictConfig, upstream: dict[str, Artifact]) -> dic
     constitution, _ = load_inputs(cfg)
     node = cfg.eval.ai_feedback
 
-    def model_of(choice: str, setting: str) -> tuple:
-        m = model_cfg_for(cfg, choice, setting, upstream)
+    def model_of(choice: str, endpoint: DictConfig, setting: str) -> tuple:
+        m = (
+            served_model(endpoint)
+            if choice == "http"
+            else model_cfg_for(cfg, choice, setting, upstream)
+        )
         return (str(m.get("name")), str(m.get("path") or ""))
 
-    same_model = model_of(str(node.model), "eval.ai_feedback.model") == model_of(
-        str(cfg.feedback.model), "feedback.model"
+    same_model = model_of(str(node.model), node.endpoint, "eval.ai_feedback.model") == model_of(
+        str(cfg.feedback.model), cfg.feedback.endpoint, "feedback.model"
     )
     shared = sorted(set(constitution.evaluation) & set(constitution.feedback))
     same_question = str(node.helpfulness_principle) == str(cfg.feedback.helpfulness_principle)

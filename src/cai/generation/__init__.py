@@ -15,6 +15,7 @@ from cai.generation.base import (
     request_seed,
 )
 from cai.generation.hf import HFEngine
+from cai.generation.http import Endpoint, HTTPEngine
 from cai.generation.vllm import VLLMEngine, require_vllm
 from cai.models import load_model, load_tokenizer, model_folder
 
@@ -66,6 +67,30 @@ def build_engine(
     raise ConfigError(f"generation.backend={gen_cfg.backend!r}: use hf or vllm.")
 
 
+def endpoint_engine(node: DictConfig | None, setting: str, progress: bool = True) -> HTTPEngine:
+    """The served labeller that `<setting>` (e.g. feedback.endpoint) describes: an
+    OpenAI-compatible completions endpoint (cai.generation.http)."""
+    if node is None or not node.get("url"):
+        owner = setting.rsplit(".", 1)[0]
+        raise ConfigError(
+            f"{owner}.model=http needs {setting}.url: the server's base URL, e.g. "
+            f"{setting}.url=http://localhost:8000/v1 (vLLM, TGI, SGLang or llama.cpp's server)."
+        )
+    return HTTPEngine(
+        Endpoint(
+            url=str(node.url),
+            model=str(node.get("model") or ""),
+            api_key_env=node.get("api_key_env"),
+            concurrency=int(node.concurrency),
+            timeout_s=float(node.timeout_s),
+            retries=int(node.retries),
+            backoff_s=float(node.backoff_s),
+            setting=setting,
+        ),
+        progress=progress,
+    )
+
+
 def engine_tokenizer(engine: GenerationEngine, model_cfg: DictConfig, cache_dir: str):
     """The engine's tokenizer (vLLM's engine has none of ours: load the model's)."""
     tokenizer = getattr(engine, "tokenizer", None)
@@ -73,6 +98,9 @@ def engine_tokenizer(engine: GenerationEngine, model_cfg: DictConfig, cache_dir:
 
 
 __all__ = [
+    "Endpoint",
+    "HTTPEngine",
+    "endpoint_engine",
     "Generation",
     "GenerationEngine",
     "OptionScores",

@@ -32,6 +32,8 @@ GENERATION_RUNTIME = (
     "generation.progress",
     "generation.device",
 )
+# How a served labeller is called (`<group>.endpoint`), never what it answers.
+ENDPOINT_RUNTIME = ("api_key_env", "concurrency", "timeout_s", "retries", "backoff_s")
 TRAINER_RUNTIME = (
     "trainer.enable_progress_bar",
     "trainer.default_root_dir",
@@ -53,6 +55,9 @@ class Stage:
     seeded: bool = True  # the artifact depends on cfg.seed
     fingerprints: Callable[[DictConfig], dict] | None = None  # of the input files it reads
     check: Callable[[DictConfig], None] | None = None  # raises ConfigError on bad settings
+    # settings that this config does not use (dotted keys, dropped from the key like `runtime`),
+    # e.g. feedback.endpoint unless feedback.model=http
+    inert: Callable[[DictConfig], tuple[str, ...]] | None = None
     distributed: bool = False  # trains with Lightning: every process of a multi-device run joins
     # RL variants it compares (eval): {name: (config, last stage: ppo or dpo)}; the runner plans
     # and builds each one's chain up to its last stage before this stage, and passes the
@@ -70,9 +75,11 @@ class Stage:
             config[key] = (
                 OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
             )
-        for dotted in self.runtime:
+        for dotted in (*self.runtime, *(self.inert(cfg) if self.inert else ())):
             head, _, tail = dotted.partition(".")
-            if isinstance(config.get(head), dict):
+            if dotted in config:  # a declared setting itself
+                config.pop(dotted)
+            elif isinstance(config.get(head), dict):
                 _drop(config[head], tail)
         content = self.fingerprints(cfg) if self.fingerprints else None
         if self.variants is not None:

@@ -42,10 +42,11 @@ from cai.eval.compare import (
     validate_ai_judge,
 )
 from cai.eval.judges import judge_name, load_judges, load_validation
+from cai.generation import endpoint_engine
 from cai.inputs import input_fingerprints
 from cai.paper_samples import fingerprint as paper_samples_fingerprint
 from cai.results import write_rows
-from cai.stages.base import GENERATION_RUNTIME, Stage, variant_inputs
+from cai.stages.base import ENDPOINT_RUNTIME, GENERATION_RUNTIME, Stage, variant_inputs
 
 log = logging.getLogger(__name__)
 
@@ -174,9 +175,21 @@ def check_settings(cfg: DictConfig) -> None:
         raise ConfigError(f"eval.judges={list(node.judges)}: choose from {', '.join(JUDGES)}.")
     if int(node.samples_per_prompt) < 1:
         raise ConfigError("eval.samples_per_prompt must be >= 1.")
+    if "ai_feedback" in node.judges and str(node.ai_feedback.model) == "http":
+        endpoint_engine(node.ai_feedback.endpoint, "eval.ai_feedback.endpoint")  # url, api key
     for name, where in (node.get("extra_models") or {}).items():  # before any work
         if str(where) not in ("policy", "sft"):
             model_cfg_for(cfg, str(where), f"eval.extra_models.{name}", {})
+
+
+def unused_settings(cfg: DictConfig) -> tuple[str, ...]:
+    """The endpoints of labellers that are not served (an in-process model or a function)."""
+    unused = []
+    if str(cfg.eval.ai_feedback.model) != "http":
+        unused.append("eval.ai_feedback.endpoint")
+    if str(cfg.feedback.model) != "http" or cfg.feedback.function:
+        unused += ["feedback.endpoint.url", "feedback.endpoint.model"]
+    return tuple(unused)
 
 
 def fingerprints(cfg: DictConfig) -> dict:
@@ -199,12 +212,19 @@ STAGE = Stage(
         "sft.num_revisions",
         "generation",
         "feedback.model",  # the AI judge's independence is recorded in its rows
+        "feedback.endpoint.url",
+        "feedback.endpoint.model",
         "feedback.function",
         "feedback.helpfulness_principle",
     ),
     upstream=("generate_sl", "sft", "judge"),
-    runtime=("eval.ai_feedback.chunk_size", *GENERATION_RUNTIME),
+    runtime=(
+        "eval.ai_feedback.chunk_size",
+        *GENERATION_RUNTIME,
+        *(f"eval.ai_feedback.endpoint.{k}" for k in ENDPOINT_RUNTIME),
+    ),
     fingerprints=fingerprints,
     check=check_settings,
+    inert=unused_settings,
     variants=rl_variants,
 )

@@ -22,10 +22,10 @@ from cai.artifacts import Artifact, PartWriter, read_jsonl, write_jsonl_atomic
 from cai.comparisons import Comparison
 from cai.config import model_cfg_for
 from cai.errors import ConfigError
-from cai.generation import build_engine
+from cai.generation import build_engine, endpoint_engine
 from cai.inputs import input_fingerprints, load_inputs
 from cai.labellers import function_fingerprint, label_with_function, load_function
-from cai.stages.base import GENERATION_RUNTIME, Stage
+from cai.stages.base import ENDPOINT_RUNTIME, GENERATION_RUNTIME, Stage
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,8 @@ def run(cfg: DictConfig, inputs: dict[str, Artifact], work_dir: Path) -> dict:
         )
 
     # 2. The labeller: the feedback model (paper: a pretrained LM, kept apart from the policy
-    # being trained), or a Python function (feedback.function: a rule, an external classifier)
+    # being trained), in this process or served over HTTP (feedback.model=http), or a Python
+    # function (feedback.function: a rule, an external classifier)
     if cfg.feedback.function:
         fn, engine = load_function(cfg.feedback.function, "feedback.function"), None
 
@@ -60,8 +61,13 @@ def run(cfg: DictConfig, inputs: dict[str, Artifact], work_dir: Path) -> dict:
             return label_with_function(fn, batch, settings.swap, "feedback.function")
     else:
         prompts = FeedbackPrompts(constitution, cfg.feedback.helpfulness_principle, seed=cfg.seed)
-        model_cfg = model_cfg_for(cfg, str(cfg.feedback.model), "feedback.model", inputs)
-        engine = build_engine(cfg.generation, model_cfg, cfg.paths.cache_dir)
+        if str(cfg.feedback.model) == "http":
+            engine = endpoint_engine(
+                cfg.feedback.endpoint, "feedback.endpoint", bool(cfg.generation.progress)
+            )
+        else:
+            model_cfg = model_cfg_for(cfg, str(cfg.feedback.model), "feedback.model", inputs)
+            engine = build_engine(cfg.generation, model_cfg, cfg.paths.cache_dir)
 
         def label(batch: list[Comparison]) -> list[dict]:
             return label_comparisons(engine, prompts, batch, settings, cfg.seed)
@@ -95,6 +101,14 @@ def check_settings(cfg: DictConfig) -> None:
     LabelSettings.from_config(cfg.feedback)
     if cfg.feedback.function:
         load_function(cfg.feedback.function, "feedback.function")
+    elif str(cfg.feedback.model) == "http":
+        endpoint_engine(cfg.feedback.endpoint, "feedback.endpoint")  # url, api key present
+
+
+def unused_settings(cfg: DictConfig) -> tuple[str, ...]:
+    """The endpoint, unless the labeller is served (a function or an in-process model needs none)."""
+    served = str(cfg.feedback.model) == "http" and not cfg.feedback.function
+    return () if served else ("feedback.endpoint",)
 
 
 def fingerprints(cfg: DictConfig) -> dict:
@@ -110,7 +124,12 @@ STAGE = Stage(
     run,
     settings=("model", "constitution", "feedback", "generation"),
     upstream=("generate_pairs", "sft"),
-    runtime=("feedback.chunk_size", *GENERATION_RUNTIME),
+    runtime=(
+        "feedback.chunk_size",
+        *GENERATION_RUNTIME,
+        *(f"feedback.endpoint.{k}" for k in ENDPOINT_RUNTIME),
+    ),
     fingerprints=fingerprints,
     check=check_settings,
+    inert=unused_settings,
 )
