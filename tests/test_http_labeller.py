@@ -207,3 +207,16 @@ def test_http_without_a_url_fails_before_any_work(make_cfg):
         run(make_cfg(*TINY_STAGES, STAGES, "feedback.model=http"))
     with pytest.raises(ConfigError, match=r"eval.ai_feedback.model=http needs eval.ai_feedback"):
         run(make_cfg(*TINY_STAGES, "eval.ai_feedback.model=http", "pipeline.plan=true"))
+
+
+def test_a_served_judge_is_the_same_model_only_on_the_same_server(make_cfg):
+    from cai.eval.compare import ai_judge_independence
+
+    def same_model(judge_url: str) -> bool:
+        cfg = make_cfg("model=tiny", "feedback.model=http", "eval.ai_feedback.model=http",
+                       "feedback.endpoint.url=http://a:8000/v1",
+                       f"eval.ai_feedback.endpoint.url={judge_url}")  # fmt: skip
+        return ai_judge_independence(cfg, {})["same_model_as_feedback"]
+
+    assert same_model("http://a:8000/v1")
+    assert not same_model("http://b:8000/v1")

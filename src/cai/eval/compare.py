@@ -239,10 +239,8 @@ class AIJudge:
         node = cfg.eval.ai_feedback
         self.cfg = cfg
         self.served = str(node.model) == "http"  # eval.ai_feedback.endpoint
-        self.model_cfg = (
-            served_model(node.endpoint)
-            if self.served
-            else model_cfg_for(cfg, str(node.model), "eval.ai_feedback.model", upstream)
+        self.model_cfg = labeller_model(
+            cfg, str(node.model), node.endpoint, "eval.ai_feedback.model", upstream
         )
         self.prompts = ai_judge_prompts(cfg)
         self.settings = LabelSettings(num_principles=int(node.num_principles), swap=bool(node.swap))
@@ -265,8 +263,14 @@ class AIJudge:
         )
 
 
-def served_model(endpoint: DictConfig) -> DictConfig:
-    """What the rows record of a served judge: the served model's name and the URL."""
+def labeller_model(
+    cfg: DictConfig, choice: str, endpoint: DictConfig, setting: str, upstream: dict
+) -> DictConfig:
+    """The model a labeller setting (feedback.model, eval.ai_feedback.model) names, as
+    model_cfg_for reads it; for `http`, what the rows record of the served model: its name and
+    the URL."""
+    if choice != "http":
+        return model_cfg_for(cfg, choice, setting, upstream)
     return OmegaConf.create(
         {"name": str(endpoint.get("model") or "served"), "path": str(endpoint.get("url"))}
     )
@@ -340,11 +344,7 @@ def ai_judge_independence(cfg: DictConfig, upstream: dict[str, Artifact]) -> dic
     node = cfg.eval.ai_feedback
 
     def model_of(choice: str, endpoint: DictConfig, setting: str) -> tuple:
-        m = (
-            served_model(endpoint)
-            if choice == "http"
-            else model_cfg_for(cfg, choice, setting, upstream)
-        )
+        m = labeller_model(cfg, choice, endpoint, setting, upstream)
         return (str(m.get("name")), str(m.get("path") or ""))
 
     same_model = model_of(str(node.model), node.endpoint, "eval.ai_feedback.model") == model_of(

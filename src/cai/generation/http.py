@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -80,6 +81,7 @@ class HTTPEngine(GenerationEngine):
                 )
             self.headers["Authorization"] = f"Bearer {key}"
         self.stats = {"requests": 0, "retries": 0, "wall_s": 0.0}
+        self._count_lock = threading.Lock()  # requests are posted from `concurrency` threads
         self.transcript: list[dict] | None = None  # a list: every request and reply is kept
 
     # -- the two engine calls ----------------------------------------------------------------
@@ -191,13 +193,13 @@ class HTTPEngine(GenerationEngine):
         wait, last = e.backoff_s, ""
         for attempt in range(e.retries + 1):
             if attempt:
-                self.stats["retries"] += 1
+                self._count("retries")
                 time.sleep(wait)
                 wait *= 2
             request = urllib.request.Request(e.completions_url, payload, self.headers)
             try:
                 with urllib.request.urlopen(request, timeout=e.timeout_s) as response:
-                    self.stats["requests"] += 1
+                    self._count("requests")
                     reply = _parse(response.read(), e)
                 if self.transcript is not None:
                     self.transcript.append({"request": body, "response": reply})
@@ -222,6 +224,10 @@ class HTTPEngine(GenerationEngine):
             f"the server is up and reachable, or raise {e.setting}.timeout_s / retries; the "
             "chunks already labelled are kept, and the same command resumes."
         )
+
+    def _count(self, what: str) -> None:
+        with self._count_lock:
+            self.stats[what] += 1
 
 
 def _is_timeout(reason) -> bool:
