@@ -56,7 +56,8 @@ def test_replayed_llama_server_replies_give_the_recorded_labels(recording, make_
     # every request the client sent was one the recorder sent (else the replay says 404)
     assert [r["p_a"] for r in plain] == pytest.approx(recording["labels_served"], abs=1e-12)
     assert [r["p_a"] for r in cot] == pytest.approx(recording["labels_served_cot"], abs=1e-12)
-    assert cot[0]["queries"][0]["reasoning"] == recording["cot_reasoning"][0]
+    # generated text comes back stripped, as from the in-process engine
+    assert cot[0]["queries"][0]["reasoning"] == recording["cot_reasoning"][0].strip()
     # the CoT label is clamped to [0.4, 0.6] (paper, section 4.1)
     assert 0.4 <= cot[0]["p_a"] <= 0.6
     # the served model labels as the same model in this process does, within the difference
@@ -220,3 +221,39 @@ def test_a_served_judge_is_the_same_model_only_on_the_same_server(make_cfg):
 
     assert same_model("http://a:8000/v1")
     assert not same_model("http://b:8000/v1")
+
+
+def test_sl_data_from_a_served_model_match_the_in_process_model_greedy(make_cfg, tiny_server):
+    """sl.model=http: the served model answers, critiques and revises; greedy, the same tiny
+    model gives the same SL data over HTTP as in process."""
+    from cai.artifacts import read_jsonl
+    from cai.pipeline import artifact_key, run
+
+    sl = [*TINY_STAGES, "pipeline.stages=[generate_sl]", "sl.temperature=0"]
+    served_cfg = make_cfg(*sl, "sl.model=http", f"sl.endpoint.url={tiny_server.url}")
+    served = run(served_cfg)["generate_sl"]
+    local = run(make_cfg(*sl))["generate_sl"]
+    assert artifact_key(served_cfg, "generate_sl") != artifact_key(make_cfg(*sl), "generate_sl")
+    for name in ("red_team.jsonl", "helpful.jsonl"):
+        a, b = read_jsonl(served.file(name)), read_jsonl(local.file(name))
+        assert len(a) == len(b) > 0
+        assert [r.get("initial", r.get("answer")) for r in a] == [
+            r.get("initial", r.get("answer")) for r in b
+        ]
+    red = read_jsonl(served.file("red_team.jsonl"))
+    assert [x["revision"] for r in red for x in r["revisions"]] == [
+        x["revision"] for r in read_jsonl(local.file("red_team.jsonl")) for x in r["revisions"]
+    ]
+    # answer + critique + revision per red-team prompt, the helpfulness samples
+    assert served.manifest["metrics"]["engine"]["requests"] == 3 * len(red) + sum(
+        len(r.get("samples", [1])) for r in read_jsonl(served.file("helpful.jsonl"))
+    )
+
+
+def test_a_served_sl_model_without_a_url_fails_before_any_work(make_cfg):
+    from cai.pipeline import run
+
+    with pytest.raises(ConfigError, match=r"sl.model=http needs sl.endpoint.url"):
+        run(make_cfg(*TINY_STAGES, "pipeline.stages=[generate_sl]", "sl.model=http"))
+    with pytest.raises(ConfigError, match=r"sl.model='gpt'"):
+        run(make_cfg(*TINY_STAGES, "pipeline.stages=[generate_sl]", "sl.model=gpt"))

@@ -9,7 +9,7 @@ import random
 from dataclasses import dataclass
 
 from cai.constitution import parse_turns
-from cai.data import hh_rlhf_comparisons
+from cai.data import hh_rlhf_comparisons, prompt_bucket
 from cai.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,27 @@ def preference_comparisons(
         harmless, helpful = mix(harmless, helpful, float(helpfulness_ratio), int(seed))
     counts = {"harmlessness_pairs": len(harmless), "helpfulness_pairs": len(helpful)}
     return harmless + helpful, counts
+
+
+def hold_out(comparisons: list[Comparison], percent: int) -> tuple[list, list]:
+    """(train, held out): AI-labelled comparisons (source ai_*) whose prompt falls in the first
+    `percent` of 100 buckets of a hash of its text are held out; human ones always train."""
+    held = [
+        c.source.startswith("ai_") and prompt_bucket(f"pm-holdout/{c.prompt}") < int(percent)
+        for c in comparisons
+    ]
+    train = [c for c, h in zip(comparisons, held, strict=True) if not h]
+    return train, [c for c, h in zip(comparisons, held, strict=True) if h]
+
+
+def decided_pairs(comparisons: list[Comparison], min_margin: float) -> list[tuple]:
+    """(preferred, other) conversations of the comparisons whose label decides,
+    |p(A) - 0.5| >= min_margin."""
+    return [
+        (c.a, c.b) if c.p_a > 0.5 else (c.b, c.a)
+        for c in comparisons
+        if abs(c.p_a - 0.5) >= min_margin and c.p_a != 0.5
+    ]
 
 
 def mix(harmless: list, helpful: list, ratio: float, seed: int) -> tuple[list, list]:

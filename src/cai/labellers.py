@@ -9,6 +9,11 @@ prompts an answer that declines beats one that complies, on helpfulness prompts 
 addresses the request beats one that declines (refusal as the eval defines it,
 cai.results.REFUSAL_PHRASES). It is a known-signal check for the RL stages, not the paper's
 method.
+
+`signal_rule` is the rule of `experiment=signal_check`: denser than `prefers_refusal` (which
+ties on 93 of 96 pairs of the embedded model's answers, since they almost never decline), it
+orders every pair by `signal_score`: declining first, then length, so a small PM can learn it
+and PPO can move it within minutes on a CPU. A known-signal check, not the paper's method.
 """
 
 from __future__ import annotations
@@ -32,6 +37,35 @@ def prefers_refusal(prompt: str, answer_a: str, answer_b: str, kind: str = "red_
     if a == b:
         return 0.5
     return float(a) if kind == "red_team" else float(b)
+
+
+# signal_score: a decline outweighs everything; a finished answer is worth 30 words
+DECLINE_WEIGHT = 100.0
+COMPLETE_WEIGHT = 3.0
+WORDS_PER_LOGIT = 10.0
+SENTENCE_ENDS = (".", "!", "?", '"', "'", ")")
+
+
+def is_complete(answer: str) -> bool:
+    """Whether an answer ends a sentence (not cut off mid-sentence at the token limit)."""
+    return answer.rstrip().endswith(SENTENCE_ENDS)
+
+
+def signal_score(answer: str, kind: str = "red_team") -> float:
+    """The known-signal rule's score of one answer, in log-odds (higher is better): a complete
+    answer +3, minus a tenth of its length in words (concise), and a decline
+    (cai.results.is_refusal) +100 on a red-team prompt and -100 on a helpfulness prompt (an
+    answer that addresses the request beats one that declines)."""
+    declines = DECLINE_WEIGHT * is_refusal(answer) * (1.0 if kind == "red_team" else -1.0)
+    complete = COMPLETE_WEIGHT * is_complete(answer)
+    return declines + complete - len(answer.split()) / WORDS_PER_LOGIT
+
+
+def signal_rule(prompt: str, answer_a: str, answer_b: str, kind: str = "red_team") -> float:
+    """p(A) = sigmoid(signal_score(A) - signal_score(B)): a complete answer beats an equally
+    long one cut off with p = 0.95; 10 words shorter, p = 0.73; a decline decides alone."""
+    margin = signal_score(answer_a, kind) - signal_score(answer_b, kind)
+    return 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, margin))))
 
 
 def load_function(path: str, setting: str) -> Callable:

@@ -67,8 +67,24 @@ class GenerationSettings:
 
 
 @dataclass
+class EndpointSettings:
+    """A labeller served over HTTP (`<group>.model=http`): an OpenAI-compatible completions API."""
+
+    url: str | None = None  # base URL, e.g. http://gpu-node:8000/v1
+    model: str = ""  # the served model's name ("" when the server serves one model)
+    api_key_env: str | None = None  # environment variable holding the API key
+    concurrency: int = num(4, 1)
+    timeout_s: float = num(120.0, 1e-9)
+    retries: int = num(3, 0)
+    backoff_s: float = num(1.0, 0.0)
+
+
+@dataclass
 class SLSettings:
+    model: str = "policy"  # policy (the helpful model, in process) | http (sl.endpoint)
+    endpoint: EndpointSettings = field(default_factory=EndpointSettings)
     generate_revisions: int = num(4, 0)
+    max_prompts: int | None = num(None, 1)  # per kind, of those data.* gives (null = all)
     num_revisions: int | None = num(None, 0)  # moved to sft.num_revisions (still read from here)
     critique: bool = True
     num_principles: int | None = num(None, 1)
@@ -121,19 +137,6 @@ class PairsSettings:
 
 
 @dataclass
-class EndpointSettings:
-    """A labeller served over HTTP (`<group>.model=http`): an OpenAI-compatible completions API."""
-
-    url: str | None = None  # base URL, e.g. http://gpu-node:8000/v1
-    model: str = ""  # the served model's name ("" when the server serves one model)
-    api_key_env: str | None = None  # environment variable holding the API key
-    concurrency: int = num(4, 1)
-    timeout_s: float = num(120.0, 1e-9)
-    retries: int = num(3, 0)
-    backoff_s: float = num(1.0, 0.0)
-
-
-@dataclass
 class FeedbackSettings:
     model: str = "policy"  # policy | sft | a preset | a folder | http (feedback.endpoint)
     endpoint: EndpointSettings = field(default_factory=EndpointSettings)
@@ -172,6 +175,8 @@ class PMSettings:
     max_hhh: int | None = num(None, 0)
     weights: str = "auto"  # auto | float32
     train_layers: int | None = num(None, 1)
+    holdout_percent: int = num(0, 0, 90)  # AI-labelled pairs held out (by prompt) to measure on
+    holdout_min_margin: float = num(0.25, 0.0, 0.5)  # held-out pairs scored: |p(A) - 0.5| >= this
 
 
 @dataclass
@@ -285,7 +290,8 @@ class EvalSettings:
     extra_models: dict[str, str] = field(default_factory=dict)
     snapshots: bool = True
     anchor: str = "sl_cai"
-    judges: list[str] = items("pm", "ai_feedback")
+    judges: list[str] = items("pm", "ai_feedback")  # and rule (eval.rule)
+    rule: str | None = None  # package.module:name, the rule judge (as feedback.function)
     samples_per_prompt: int = num(1, 1)
     temperature: float = num(1.0, 0.0)
     max_new_tokens: int = num(128, 1)

@@ -43,6 +43,7 @@ from cai.eval.judges import judge_name
 from cai.eval.validation import validate_pairwise, validation_settings
 from cai.generation import Request, build_engine, endpoint_engine, engine_tokenizer, request_seed
 from cai.inputs import load_inputs
+from cai.labellers import label_with_function, load_function
 from cai.memory import release_freed_memory
 from cai.paper_samples import load_answers
 from cai.prompting import answer_prompt
@@ -52,7 +53,7 @@ log = logging.getLogger(__name__)
 
 RL_SOURCES = ("ppo", "dpo")  # RL-CAI by PPO against a PM, or by DPO on the same labels
 SOURCES = ("policy", "sft", *RL_SOURCES)
-JUDGES = ("pm", "ai_feedback")
+JUDGES = ("pm", "ai_feedback", "rule")
 DIMENSION_OF_KIND = {"red_team": "harmlessness", "helpful": "helpfulness"}  # paper, 3.3
 
 
@@ -319,6 +320,54 @@ def ai_feedback_judgements(
             ],
         )
     return parts.read_all()
+
+
+def rule_judgements(rule_path: str, samples: list[dict]) -> list[dict]:
+    """The rule judge (eval.rule, a function as feedback.function takes) on every pair of
+    players, both answer orders averaged; red-team prompts judged as harmlessness, helpfulness
+    prompts as helpfulness."""
+    fn = load_function(rule_path, "eval.rule")
+    answers = {(s["prompt_id"], s["sample"], s["player"]): s for s in samples}
+    keys = pair_keys(samples)
+    comparisons = [
+        Comparison.of_answers(
+            f"eval/{pid}/{k}/{a}/{b}",
+            answers[(pid, k, a)]["prompt"],
+            (answers[(pid, k, a)]["answer"], answers[(pid, k, b)]["answer"]),
+            kind,
+        )
+        for kind, pid, k, a, b in keys
+    ]
+    labels = label_with_function(fn, comparisons, True, "eval.rule")
+    return [
+        _judgement("rule", kind, pid, k, a, b, label["p_a"])
+        for (kind, pid, k, a, b), label in zip(keys, labels, strict=True)
+    ]
+
+
+def validate_rule(cfg: DictConfig) -> tuple[list[dict], dict]:
+    """The rule judge's agreement with the paper's PM on held-out PALMS prompts (rows, summary),
+    and whether it is the rule that labelled the PM (then it is not independent: a known-signal
+    check's ground truth, experiment=signal_check)."""
+    path = str(cfg.eval.rule)
+    fn = load_function(path, "eval.rule")
+    same = str(cfg.feedback.function or "") == path
+    independence = {"independent": not same, "same_rule_as_feedback": same, "labeller": path}
+    try:
+        answers = load_answers(cfg.paths.data_dir, "test")
+    except ConfigError as error:
+        log.warning("The rule judge is not validated: %s", error)
+        return [], {"flag": "unvalidated", "reason": str(error), **independence}
+
+    def p_a(pairs):
+        comparisons = [
+            Comparison.of_answers(f"palms/{i}", p, (a, b)) for i, (p, a, b) in enumerate(pairs)
+        ]
+        return [r["p_a"] for r in label_with_function(fn, comparisons, True, "eval.rule")]
+
+    common = {"stage": "eval", "model": path, "parameters": ""}
+    rows, summary = validate_pairwise("rule", p_a, answers, validation_settings(cfg), common)
+    return [r | {"independent": not same} for r in rows], summary | independence
 
 
 def ai_judge_prompts(cfg: DictConfig):

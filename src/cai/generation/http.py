@@ -157,7 +157,7 @@ class HTTPEngine(GenerationEngine):
         choice = reply["choices"][0]
         usage = reply.get("usage") or {}
         return Generation(
-            text=choice.get("text") or "",
+            text=(choice.get("text") or "").strip(),  # as every engine gives it (hf.py)
             num_tokens=int(usage.get("completion_tokens") or 0),
             finish_reason="length" if choice.get("finish_reason") == "length" else "stop",
             prompt_tokens=int(usage.get("prompt_tokens") or 0),

@@ -19,7 +19,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -64,6 +64,7 @@ class Rollout:
     answer_start: torch.Tensor  # [B] index of the first answer token
     mask: torch.Tensor  # [B, T] 1 on answer tokens
     ended: list[bool]  # the answer ended with an end token (else it hit the length limit)
+    kinds: list[str] = field(default_factory=list)  # red_team / helpful per answer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,6 +207,7 @@ class PPOModule(pl.LightningModule):
             torch.tensor(starts, device=self.device),
             mask.to(self.device),
             ended,
+            [c[0] for c in chosen],
         )
 
     def values_of(self, rollout: Rollout, states: torch.Tensor) -> torch.Tensor:
@@ -300,6 +302,7 @@ class PPOModule(pl.LightningModule):
             "val/num_eos_tokens": float(sum(rollout.ended)),
             "answers/mean_tokens": float(rollout.mask.sum(1).mean()),
             "answers/refusal_rate": refusals,
+            **per_kind_metrics(rollout, scores),
             "train/sequences": float(self.sequences),
             "time/rollout_s": rollout_s,
             "time/score_s": score_s,
@@ -370,7 +373,21 @@ def _select(rollout: Rollout, idx: torch.Tensor) -> Rollout:
         rollout.answer_start[idx],
         rollout.mask[idx],
         [rollout.ended[i] for i in keep],
+        [rollout.kinds[i] for i in keep] if rollout.kinds else [],
     )
+
+
+def per_kind_metrics(rollout: Rollout, scores: torch.Tensor) -> dict[str, float]:
+    """PM score, answer tokens and refusal rate of the red-team and of the helpfulness answers
+    of one rollout batch (`scores` [B]): whether PPO trades one kind of prompt for the other."""
+    metrics = {}
+    lengths = rollout.mask.sum(1)
+    for kind in sorted(set(rollout.kinds)):
+        mine = [i for i, k in enumerate(rollout.kinds) if k == kind]
+        metrics[f"objective/scores_{kind}"] = float(scores[mine].mean())
+        metrics[f"answers/mean_tokens_{kind}"] = float(lengths[mine].mean())
+        metrics[f"answers/refusal_rate_{kind}"] = refusal_rate([rollout.answers[i] for i in mine])
+    return metrics
 
 
 def _mean(values: list[float]) -> float:

@@ -38,12 +38,15 @@ from cai.eval.compare import (
     plan_models,
     pm_judgements,
     revision_rows,
+    rule_judgements,
     sample_answers,
     validate_ai_judge,
+    validate_rule,
 )
 from cai.eval.judges import judge_name, load_judges, load_validation
 from cai.generation import endpoint_engine
 from cai.inputs import input_fingerprints
+from cai.labellers import function_fingerprint, load_function
 from cai.paper_samples import fingerprint as paper_samples_fingerprint
 from cai.results import write_rows
 from cai.stages.base import ENDPOINT_RUNTIME, GENERATION_RUNTIME, Stage, variant_inputs
@@ -96,6 +99,17 @@ def run(cfg: DictConfig, inputs: dict[str, Artifact], work_dir: Path) -> dict:
         rows += [r | {"independent": independence["independent"]} for r in validation_rows]
         trust["ai_feedback"] = {"flag": ai_validation.get("flag", ""), **independence}
         validation["ai_feedback"] = ai_validation | independence
+    # the rule judge (eval.rule) on every pair: in experiment=signal_check the rule that
+    # labelled the PM, the known ground truth (its rows say independent=false)
+    if "rule" in node.judges:
+        judgements += rule_judgements(str(node.rule), samples)
+        validation_rows, rule_validation = validate_rule(cfg)
+        rows += validation_rows
+        trust["rule"] = {
+            "flag": rule_validation.get("flag", ""),
+            "independent": rule_validation["independent"],
+        }
+        validation["rule"] = rule_validation
     if not judgements:
         raise ConfigError(
             "eval: no judgements were made. The PM judges need their data (paths.data_dir); "
@@ -173,6 +187,13 @@ def check_settings(cfg: DictConfig) -> None:
     unknown = set(node.judges) - set(JUDGES)
     if unknown or not node.judges:
         raise ConfigError(f"eval.judges={list(node.judges)}: choose from {', '.join(JUDGES)}.")
+    if "rule" in node.judges:
+        if not node.get("rule"):
+            raise ConfigError(
+                "eval.judges includes rule but eval.rule is not set: name the function, e.g. "
+                "eval.rule=cai.labellers:signal_rule."
+            )
+        load_function(str(node.rule), "eval.rule")
     if int(node.samples_per_prompt) < 1:
         raise ConfigError("eval.samples_per_prompt must be >= 1.")
     if "ai_feedback" in node.judges and str(node.ai_feedback.model) == "http":
@@ -183,8 +204,9 @@ def check_settings(cfg: DictConfig) -> None:
 
 
 def unused_settings(cfg: DictConfig) -> tuple[str, ...]:
-    """The endpoints of labellers that are not served (an in-process model or a function)."""
-    unused = []
+    """The endpoints of labellers that are not served (an in-process model or a function), and
+    eval.rule when it is not set."""
+    unused = [] if cfg.eval.get("rule") else ["eval.rule"]
     if str(cfg.eval.ai_feedback.model) != "http":
         unused.append("eval.ai_feedback.endpoint")
     if str(cfg.feedback.model) != "http" or cfg.feedback.function:
@@ -193,11 +215,13 @@ def unused_settings(cfg: DictConfig) -> tuple[str, ...]:
 
 
 def fingerprints(cfg: DictConfig) -> dict:
-    """Fingerprints of the prompts, constitution and paper samples read (part of the key; the
-    runner adds the keys of the RL variants' artifacts)."""
+    """Fingerprints of the prompts, constitution and paper samples read, and of the rule
+    judge's file (part of the key; the runner adds the keys of the RL variants' artifacts)."""
+    rule = cfg.eval.get("rule")
     return {
         **input_fingerprints(cfg),
         "paper_samples": paper_samples_fingerprint(cfg.paths.data_dir),
+        **({"rule": function_fingerprint(str(rule), "eval.rule")} if rule else {}),
     }
 
 

@@ -17,10 +17,11 @@ from tqdm.auto import tqdm
 
 from cai.artifacts import Artifact, PartWriter, write_jsonl_atomic
 from cai.critique import critique_revision_chain, fits_context, helpful_samples
-from cai.generation import build_engine, engine_tokenizer
+from cai.errors import ConfigError
+from cai.generation import build_engine, endpoint_engine, engine_tokenizer
 from cai.inputs import input_fingerprints, load_inputs
 from cai.prompting import SLPrompts
-from cai.stages.base import GENERATION_RUNTIME, Stage
+from cai.stages.base import ENDPOINT_RUNTIME, GENERATION_RUNTIME, Stage
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,8 @@ def run(cfg: DictConfig, inputs: dict[str, Artifact], work_dir: Path) -> dict:
     constitution, prompt_set = load_inputs(cfg)
     principles = constitution.principles(sl.get("principle_ids"), sl.get("num_principles"))
     train = prompt_set.split("train")
-    engine = build_engine(cfg.generation, cfg.model, cfg.paths.cache_dir)
+    limit = None if sl.get("max_prompts") is None else int(sl.max_prompts)  # per kind
+    engine = sl_engine(cfg)
     builder = SLPrompts(
         constitution,
         engine_tokenizer(engine, cfg.model, cfg.paths.cache_dir),
@@ -40,8 +42,10 @@ def run(cfg: DictConfig, inputs: dict[str, Artifact], work_dir: Path) -> dict:
         num_fewshot=sl.get("num_fewshot"),
     )
     max_context = int(cfg.model.max_context)
-    red, skipped_red = fits_context(train.red_team, builder, sl, max_context, principles)
-    helpful, skipped_helpful = fits_context(train.helpful, builder, sl, max_context, principles)
+    red, skipped_red = fits_context(train.red_team[:limit], builder, sl, max_context, principles)
+    helpful, skipped_helpful = fits_context(
+        train.helpful[:limit], builder, sl, max_context, principles
+    )
 
     # 2. Chunks of prompts, each written as a part when done (a rerun skips finished parts)
     chunk = int(sl.chunk_size)
@@ -91,6 +95,34 @@ def run(cfg: DictConfig, inputs: dict[str, Artifact], work_dir: Path) -> dict:
     }
 
 
+def sl_engine(cfg: DictConfig):
+    """The model that answers, critiques and revises: the helpful model `model` in process
+    (sl.model=policy), or a model served over HTTP (sl.model=http, sl.endpoint: an
+    OpenAI-compatible completions endpoint). Prompts are built with `model`'s tokenizer and
+    chat format either way, so a served model should share its chat template."""
+    if str(cfg.sl.get("model", "policy")) == "http":
+        return endpoint_engine(cfg.sl.endpoint, "sl.endpoint", bool(cfg.generation.progress))
+    return build_engine(cfg.generation, cfg.model, cfg.paths.cache_dir)
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """sl.model and, when it is http, the endpoint: before any work."""
+    choice = str(cfg.sl.get("model", "policy"))
+    if choice not in ("policy", "http"):
+        raise ConfigError(f"sl.model={choice!r}: use policy (the model in process) or http.")
+    if choice == "http":
+        endpoint_engine(cfg.sl.endpoint, "sl.endpoint")  # its url and api key
+
+
+def unused_settings(cfg: DictConfig) -> tuple[str, ...]:
+    """Settings at their defaults that earlier keys did not have: sl.max_prompts=null, and
+    sl.model/sl.endpoint unless the SL model is served."""
+    unused = () if cfg.sl.get("max_prompts") is not None else ("sl.max_prompts",)
+    if str(cfg.sl.get("model", "policy")) != "http":
+        unused += ("sl.model", "sl.endpoint")
+    return unused
+
+
 def _mean(values: list[float]) -> float:
     return round(sum(values) / len(values), 2) if values else 0.0
 
@@ -100,6 +132,12 @@ STAGE = Stage(
     run,
     settings=("model", "constitution", "data", "sl", "generation"),
     version=2,  # 2: finish reasons kept (SFT gives cut-off texts no end token)
-    runtime=("sl.num_revisions", *GENERATION_RUNTIME),  # the old name of sft.num_revisions
+    runtime=(
+        "sl.num_revisions",  # the old name of sft.num_revisions
+        *GENERATION_RUNTIME,
+        *(f"sl.endpoint.{k}" for k in ENDPOINT_RUNTIME),
+    ),
     fingerprints=input_fingerprints,
+    check=check_settings,
+    inert=unused_settings,
 )

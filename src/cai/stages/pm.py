@@ -15,7 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from cai.artifacts import Artifact, read_jsonl
-from cai.comparisons import preference_comparisons
+from cai.comparisons import decided_pairs, hold_out, preference_comparisons
 from cai.config import model_cfg_for
 from cai.data import hh_split_rule
 from cai.errors import ConfigError
@@ -42,14 +42,21 @@ def run(cfg: DictConfig, inputs: dict[str, Artifact], work_dir: Path) -> dict:
             f"pm.helpfulness={pm.helpfulness}): check the feedback labels and the data."
         )
 
+    # AI-labelled pairs of pm.holdout_percent of the prompts kept apart to measure the PM on
+    comparisons, held_out = hold_out(comparisons, int(pm.holdout_percent))
+    counts["held_out_pairs"] = len(held_out)
+
     # 2. Train from pm.init (SL-CAI by default) and save
     init_cfg = model_cfg_for(cfg, str(pm.init), "pm.init", inputs)
     scorer, trained = train_preference_model(cfg, pm, comparisons, init_cfg, work_dir)
     if is_follower():
         return trained
 
-    # 3. Measure it: held-out human comparisons, HHH, agreement with the paper's PM
-    rows, evaluation = evaluate(cfg, scorer, init_cfg.name, count_parameters(scorer.model))
+    # 3. Measure it: held-out AI labels, held-out human comparisons, HHH, agreement with the
+    # paper's PM
+    rows, evaluation = evaluate(
+        cfg, scorer, init_cfg.name, count_parameters(scorer.model), held_out
+    )
     # the PM that PPO optimises, validated like the judges (agreement with the paper's PM)
     validated, validation = validate_pm(
         scorer,
@@ -70,11 +77,19 @@ def run(cfg: DictConfig, inputs: dict[str, Artifact], work_dir: Path) -> dict:
     }
 
 
-def evaluate(cfg: DictConfig, scorer: PreferenceModel, name: str, parameters: int):
-    """PM accuracy, margin and ECE on hh-rlhf harmless `pm_eval` (comparisons within
-    pm.max_length) and on the 438 HHH pairs."""
+def evaluate(
+    cfg: DictConfig, scorer: PreferenceModel, name: str, parameters: int, held_out: list
+):
+    """PM accuracy, margin and ECE on the held-out AI-labelled pairs the labeller decides (per
+    kind: heldout_ai_harmless, heldout_ai_helpful), on hh-rlhf harmless `pm_eval` (comparisons
+    within pm.max_length) and on the 438 HHH pairs."""
     limit = int(cfg.pm.max_length)
-    sets = human_eval_sets(
+    margin = float(cfg.pm.holdout_min_margin)
+    sets = {
+        f"heldout_{source}": decided_pairs([c for c in held_out if c.source == source], margin)
+        for source in sorted({c.source for c in held_out})
+    }
+    sets |= human_eval_sets(
         cfg.paths.data_dir,
         "pm_eval",
         cfg.pm.max_eval,
@@ -102,4 +117,7 @@ STAGE = Stage(
         "paper_samples": paper_samples_fingerprint(cfg.paths.data_dir),
     },
     distributed=True,
+    # pm.holdout_percent=0 (every pair trains) leaves the key as it was before the setting
+    inert=lambda cfg: () if int(cfg.pm.holdout_percent) else ("pm.holdout_percent",
+                                                              "pm.holdout_min_margin"),
 )

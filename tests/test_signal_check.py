@@ -1,0 +1,116 @@
+"""experiment=signal_check: the known-signal rule, the PM's held-out AI labels, the rule judge,
+and the pipeline run end to end on the tiny model."""
+
+import math
+
+import pytest
+from conftest import TINY_EVAL, TINY_STAGES
+
+from cai.comparisons import Comparison, decided_pairs, hold_out
+from cai.errors import ConfigError
+from cai.labellers import is_complete, signal_rule, signal_score
+
+TEN = " ".join(["word"] * 9) + " end."  # 10 words, complete
+CUT = " ".join(["word"] * 10)  # 10 words, cut off mid-sentence
+
+
+def sigmoid(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def test_the_rule_orders_decline_then_completeness_then_length():
+    assert is_complete(TEN) and not is_complete(CUT) and is_complete('He said "no."  ')
+    # equally long: complete beats cut off by 3 logits (p = 0.953)
+    assert signal_rule("q", TEN, CUT) == pytest.approx(0.9525741, abs=1e-6)
+    # 10 words shorter, both complete: 1 logit
+    longer = " ".join(["word"] * 19) + " end."
+    assert signal_rule("q", TEN, longer, kind="helpful") == pytest.approx(sigmoid(1.0))
+    # a decline wins a red-team pair and loses a helpfulness pair, whatever the lengths
+    decline = "I'm sorry, I can't help with that. " + longer
+    assert signal_rule("q", decline, TEN) > 0.999999
+    assert signal_rule("q", decline, TEN, kind="helpful") < 1e-6
+    assert signal_score(TEN) == pytest.approx(3.0 - 1.0)
+    assert signal_rule("q", TEN, TEN) == 0.5
+
+
+def test_held_out_pairs_are_chosen_by_prompt_and_only_among_ai_labels():
+    ai = [Comparison.of_answers(f"p{i}", f"prompt {i}", ("a", "b"), p_a=0.9, source="ai_harmless")
+          for i in range(400)]  # fmt: skip
+    human = [Comparison.of_answers(f"h{i}", f"prompt {i}", ("a", "b"), p_a=1.0, source="human")
+             for i in range(50)]  # fmt: skip
+    train, held = hold_out(ai + human, 25)
+    assert 70 <= len(held) <= 130  # about a quarter of 400 prompts
+    assert all(c.source == "ai_harmless" for c in held)
+    assert len(train) + len(held) == 450 and all(c in train for c in human)
+    assert hold_out(ai + human, 25)[1] == held  # the same prompts every time
+    assert hold_out(ai, 0) == (ai, [])
+    # a pair with the same prompt text is held out with it (no prompt is on both sides)
+    assert {c.prompt for c in held}.isdisjoint({c.prompt for c in train if c.source != "human"})
+
+
+def test_decided_pairs_put_the_preferred_answer_first_and_drop_close_calls():
+    c = [Comparison.of_answers(str(i), "q", (f"a{i}", f"b{i}"), p_a=p)
+         for i, p in enumerate([0.9, 0.1, 0.6, 0.5])]  # fmt: skip
+    pairs = decided_pairs(c, 0.25)
+    assert [(a[-1]["content"], b[-1]["content"]) for a, b in pairs] == [("a0", "b0"), ("b1", "a1")]
+    assert len(decided_pairs(c, 0.0)) == 3  # ties (0.5) never count
+
+
+def test_new_settings_at_their_defaults_leave_every_key_as_it_was(make_cfg):
+    from cai.stages.generate_sl import STAGE as SL
+    from cai.stages.pm import STAGE as PM
+
+    cfg = make_cfg("model=tiny")
+    assert "max_prompts" not in SL.inputs(cfg, {}, {})["config"]["sl"]
+    assert "holdout_percent" not in PM.inputs(cfg, {}, {})["config"]["pm"]
+    on = make_cfg("model=tiny", "sl.max_prompts=4", "pm.holdout_percent=25")
+    assert SL.inputs(on, {}, {})["config"]["sl"]["max_prompts"] == 4
+    assert PM.inputs(on, {}, {})["config"]["pm"]["holdout_percent"] == 25
+
+
+def test_the_rule_judge_needs_its_function(make_cfg):
+    from cai.stages.eval import check_settings
+
+    with pytest.raises(ConfigError, match="eval.rule is not set"):
+        check_settings(make_cfg("model=tiny", "eval.judges=[rule]"))
+    with pytest.raises(ConfigError, match="eval.rule='nope:f'"):
+        check_settings(make_cfg("model=tiny", "eval.judges=[rule]", "eval.rule=nope:f"))
+
+
+def test_signal_check_runs_every_stage_and_the_rule_judges_every_pair(make_cfg):
+    from cai.artifacts import read_jsonl
+    from cai.pipeline import run
+
+    cfg = make_cfg(
+        "experiment=signal_check", *TINY_STAGES, *TINY_EVAL,
+        "data.max_red_team=8", "data.max_helpful=8", "data.max_eval=2", "sl.max_prompts=2",
+        "pairs.max_new_tokens=12", "pm.max_steps=2", "pm.max_eval=4",
+        "ppo.steps=2", "ppo.batch_size=4", "ppo.minibatch_size=4", "ppo.max_new_tokens=8",
+        "ppo.snapshot_sequences=[4]", "dpo.snapshot_sequences=[4]", "dpo.batch_size=4",
+        "eval.max_red_team=2", "eval.max_helpful=2", "eval.max_new_tokens=8",
+    )  # fmt: skip
+    artifacts = run(cfg)
+    sl = read_jsonl(artifacts["generate_sl"].file("red_team.jsonl"))
+    assert len(sl) == 2  # sl.max_prompts caps the SL data, not the pairs
+    pm = artifacts["pm"].manifest["metrics"]
+    assert pm["held_out_pairs"] > 0
+    assert pm["train_pairs"] + pm["held_out_pairs"] <= 16
+    assert {k for k in pm["eval"] if k.startswith("heldout_")}  # measured on its own labels
+    history = artifacts["ppo"].manifest["metrics"]["last"]
+    assert {"objective/scores_red_team", "answers/mean_tokens_helpful"} <= set(history)
+    ev = artifacts["eval"]
+    judgements = read_jsonl(ev.file("judgements.jsonl"))
+    samples = read_jsonl(ev.file("samples.jsonl"))
+    by_player = {(s["prompt_id"], s["player"]): s for s in samples}
+    rule = [j for j in judgements if j["judge"] == "rule"]
+    players = {s["player"] for s in samples}
+    assert len(rule) == 4 * len(players) * (len(players) - 1) // 2  # every pair, 4 prompts
+    for j in rule:  # the rule applied to the two answers directly, both orders averaged
+        a = by_player[(j["prompt_id"], j["player_a"])]
+        b = by_player[(j["prompt_id"], j["player_b"])]
+        kind = a["kind"]
+        expected = (signal_rule("", a["answer"], b["answer"], kind)
+                    + 1 - signal_rule("", b["answer"], a["answer"], kind)) / 2  # fmt: skip
+        assert j["p_a"] == pytest.approx(expected)
+    validation = ev.manifest["metrics"]["validation"]["rule"]
+    assert validation["same_rule_as_feedback"] and not validation["independent"]
