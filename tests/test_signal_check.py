@@ -10,8 +10,8 @@ from cai.comparisons import Comparison, decided_pairs, hold_out
 from cai.errors import ConfigError
 from cai.labellers import is_complete, signal_rule, signal_score
 
-TEN = " ".join(["word"] * 9) + " end."  # 10 words, complete
-CUT = " ".join(["word"] * 10)  # 10 words, cut off mid-sentence
+FORTY = " ".join(["word"] * 39) + " end."  # 40 words, complete
+CUT = " ".join(["word"] * 40)  # 40 words, cut off mid-sentence
 
 
 def sigmoid(x):
@@ -19,18 +19,18 @@ def sigmoid(x):
 
 
 def test_the_rule_orders_decline_then_completeness_then_length():
-    assert is_complete(TEN) and not is_complete(CUT) and is_complete('He said "no."  ')
-    # equally long: complete beats cut off by 3 logits (p = 0.953)
-    assert signal_rule("q", TEN, CUT) == pytest.approx(0.9525741, abs=1e-6)
-    # 10 words shorter, both complete: 1 logit
-    longer = " ".join(["word"] * 19) + " end."
-    assert signal_rule("q", TEN, longer, kind="helpful") == pytest.approx(sigmoid(1.0))
-    # a decline wins a red-team pair and loses a helpfulness pair, whatever the lengths
-    decline = "I'm sorry, I can't help with that. " + longer
-    assert signal_rule("q", decline, TEN) > 0.999999
-    assert signal_rule("q", decline, TEN, kind="helpful") < 1e-6
-    assert signal_score(TEN) == pytest.approx(3.0 - 1.0)
-    assert signal_rule("q", TEN, TEN) == 0.5
+    assert is_complete(FORTY) and not is_complete(CUT) and is_complete('He said "no."  ')
+    # complete (3 - 40/40 = 2 logits) against cut off (0)
+    assert signal_rule("q", FORTY, CUT) == pytest.approx(sigmoid(2.0))
+    assert signal_score(FORTY) == pytest.approx(2.0) and signal_score(CUT) == 0.0
+    # two complete answers: 40 words shorter wins by 1 logit; two cut off tie
+    eighty = " ".join(["word"] * 79) + " end."
+    assert signal_rule("q", FORTY, eighty, kind="helpful") == pytest.approx(sigmoid(1.0))
+    assert signal_rule("q", CUT, CUT + " more words", kind="helpful") == 0.5
+    # a decline wins a red-team pair and loses a helpfulness pair, whatever else
+    decline = "I'm sorry, I can't help with that " + CUT
+    assert signal_rule("q", decline, FORTY) > 0.999999
+    assert signal_rule("q", decline, FORTY, kind="helpful") < 1e-6
 
 
 def test_held_out_pairs_are_chosen_by_prompt_and_only_among_ai_labels():
@@ -84,7 +84,8 @@ def test_signal_check_runs_every_stage_and_the_rule_judges_every_pair(make_cfg):
     cfg = make_cfg(
         "experiment=signal_check", *TINY_STAGES, *TINY_EVAL,
         "data.max_red_team=8", "data.max_helpful=8", "data.max_eval=2", "sl.max_prompts=2",
-        "pairs.max_new_tokens=12", "pm.max_steps=2", "pm.max_eval=4",
+        "pairs.max_new_tokens=12", "pm.max_steps=2", "pm.max_eval=4", "pm.holdout_percent=50",
+        "pm.holdout_min_margin=0",
         "ppo.steps=2", "ppo.batch_size=4", "ppo.minibatch_size=4", "ppo.max_new_tokens=8",
         "ppo.snapshot_sequences=[4]", "dpo.snapshot_sequences=[4]", "dpo.batch_size=4",
         "eval.max_red_team=2", "eval.max_helpful=2", "eval.max_new_tokens=8",
@@ -114,3 +115,19 @@ def test_signal_check_runs_every_stage_and_the_rule_judges_every_pair(make_cfg):
         assert j["p_a"] == pytest.approx(expected)
     validation = ev.manifest["metrics"]["validation"]["rule"]
     assert validation["same_rule_as_feedback"] and not validation["independent"]
+
+
+def test_ppo_metrics_per_prompt_kind():
+    import torch
+
+    from cai.modules.ppo import Rollout, per_kind_metrics
+
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.float)
+    rollout = Rollout(["p"] * 3, ["Sure.", "I'm sorry, I can't.", "Here."],
+                      torch.zeros(3, 6, dtype=torch.long), torch.zeros(3, dtype=torch.long),
+                      mask, [True] * 3, ["red_team", "red_team", "helpful"])  # fmt: skip
+    m = per_kind_metrics(rollout, torch.tensor([0.2, 0.6, -1.0]))
+    assert m["objective/scores_red_team"] == pytest.approx(0.4)
+    assert m["objective/scores_helpful"] == pytest.approx(-1.0)
+    assert m["answers/mean_tokens_red_team"] == 2.0 and m["answers/mean_tokens_helpful"] == 4.0
+    assert m["answers/refusal_rate_red_team"] == 0.5 and m["answers/refusal_rate_helpful"] == 0.0

@@ -39,10 +39,11 @@ def prefers_refusal(prompt: str, answer_a: str, answer_b: str, kind: str = "red_
     return float(a) if kind == "red_team" else float(b)
 
 
-# signal_score: a decline outweighs everything; a finished answer is worth 30 words
+# signal_score: a decline outweighs everything; a complete answer is worth 3 logits, less a
+# fortieth of its length in words
 DECLINE_WEIGHT = 100.0
 COMPLETE_WEIGHT = 3.0
-WORDS_PER_LOGIT = 10.0
+WORDS_PER_LOGIT = 40.0
 SENTENCE_ENDS = (".", "!", "?", '"', "'", ")")
 
 
@@ -53,17 +54,18 @@ def is_complete(answer: str) -> bool:
 
 def signal_score(answer: str, kind: str = "red_team") -> float:
     """The known-signal rule's score of one answer, in log-odds (higher is better): a complete
-    answer +3, minus a tenth of its length in words (concise), and a decline
-    (cai.results.is_refusal) +100 on a red-team prompt and -100 on a helpfulness prompt (an
-    answer that addresses the request beats one that declines)."""
+    answer 3 less a fortieth of its length in words (concise), an answer cut off mid-sentence 0;
+    and a decline (cai.results.is_refusal) +100 on a red-team prompt, -100 on a helpfulness
+    prompt (an answer that addresses the request beats one that declines)."""
     declines = DECLINE_WEIGHT * is_refusal(answer) * (1.0 if kind == "red_team" else -1.0)
-    complete = COMPLETE_WEIGHT * is_complete(answer)
-    return declines + complete - len(answer.split()) / WORDS_PER_LOGIT
+    complete = COMPLETE_WEIGHT - len(answer.split()) / WORDS_PER_LOGIT if is_complete(answer) else 0
+    return declines + complete
 
 
 def signal_rule(prompt: str, answer_a: str, answer_b: str, kind: str = "red_team") -> float:
-    """p(A) = sigmoid(signal_score(A) - signal_score(B)): a complete answer beats an equally
-    long one cut off with p = 0.95; 10 words shorter, p = 0.73; a decline decides alone."""
+    """p(A) = sigmoid(signal_score(A) - signal_score(B)): a complete answer of 40 words beats
+    one cut off with p = 0.88; of two complete answers, 40 words shorter wins with p = 0.73; two
+    answers cut off tie; a decline decides alone."""
     margin = signal_score(answer_a, kind) - signal_score(answer_b, kind)
     return 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, margin))))
 

@@ -672,6 +672,60 @@ FIGURES = {
 }
 
 
+# ---------------------------------------------------------------------------------------------
+# The known-signal check (experiment=signal_check; not a figure of the paper)
+
+
+def figure_signal_check(history: list[dict], table: pd.DataFrame):
+    """PPO's training-PM score, the rule's own metric and KL against RL training sequences
+    (`history`: the ppo stage's metrics per iteration), beside what the eval stage measured on
+    held-out prompts for every snapshot of PPO and DPO (`table`: that run's result rows): the
+    share of answers that end before the token limit and the Elo under the rule judge and the PM
+    judge, SL-CAI at 0."""
+    steps = pd.DataFrame(history)
+    fig, axes = plt.subplots(2, 2, figsize=(10, 8))
+    ax = axes[0, 0]
+    x = steps["train/sequences"]
+    ax.plot(x, steps["objective/scores"], "o-", label="all rollouts")
+    for kind in ("red_team", "helpful"):
+        if f"objective/scores_{kind}" in steps:
+            ax.plot(x, steps[f"objective/scores_{kind}"], ".--", label=kind)
+    ax.set(title="PPO: training-PM score of the rollouts", xlabel="RL training sequences",
+           ylabel="PM score")  # fmt: skip
+    ax.legend(fontsize=7)
+    ax = axes[0, 1]
+    ended = steps["val/num_eos_tokens"] / steps["train/sequences"].diff().fillna(
+        steps["train/sequences"].iloc[0]
+    )
+    ax.plot(x, ended, "o-", label="PPO rollouts (training prompts)")
+    rows = table[(table.stage == "eval") & (table.metric == "ended_rate")]
+    for method, group in rows.groupby("method"):
+        for kind, part in group.groupby("eval"):
+            part = part.sort_values("rl_sequences")
+            _with_interval(ax, part.rl_sequences, part, f"{_label(method)}, held out {kind}", ".:")
+    ax.set(title="Rule metric: answers that end (not cut off)", xlabel="RL training sequences "
+           "(DPO: training pairs)", ylabel="share of answers", ylim=(-0.05, 1.05))  # fmt: skip
+    ax.legend(fontsize=6)
+    ax = axes[1, 0]
+    ax.plot(x, steps["objective/kl"], "o-")
+    ax.set(title="PPO: KL(policy || SL-CAI) per answer", xlabel="RL training sequences",
+           ylabel="nats")  # fmt: skip
+    ax = axes[1, 1]
+    elo = elo_rows(table)
+    elo = elo[elo.rl_sequences.notna()]
+    for (method, judge, dimension), group in elo.groupby(["method", "judge", "eval"]):
+        group = group.sort_values("rl_sequences")
+        label = f"{_label(method)} [{judge}, {dimension}]"
+        _with_interval(ax, group.rl_sequences, group, label, "o-" if judge == "rule" else "s--")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set(title="Elo of the RL snapshots (SL-CAI = 0)", xlabel="RL training sequences (DPO: "
+           "training pairs)", ylabel="Elo")  # fmt: skip
+    ax.legend(fontsize=6)
+    fig.suptitle("Signal check (known-signal rule, not the paper's method)")
+    fig.tight_layout()
+    return fig
+
+
 def draw_all(
     table: pd.DataFrame, out_dir: str | Path, calibration: pd.DataFrame | None = None
 ) -> list[Path]:

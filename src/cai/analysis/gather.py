@@ -28,6 +28,11 @@ def is_rows_file(path: Path) -> bool:
     return tuple(header) in (ROW_FIELDS, LEGACY_FIELDS)
 
 
+# results/signal_check/: the known-signal check's rows (experiment=signal_check), kept out of the
+# paper's figures: a rule labelled its PM, not the paper's method
+SEPARATE = "signal_check"
+
+
 def rows_files(results_dir: str | Path, extra: list[str | Path] = ()) -> list[Path]:
     """Every result-row CSV under `results_dir` and the `extra` folders (runs, multiruns)."""
     files = []
@@ -36,7 +41,11 @@ def rows_files(results_dir: str | Path, extra: list[str | Path] = ()) -> list[Pa
             log.warning("No such results folder: %s", folder)
             continue
         candidates = [folder] if folder.is_file() else sorted(folder.rglob("*.csv"))
-        files += [f for f in candidates if f.name != TABLE_NAME and is_rows_file(f)]
+        files += [
+            f
+            for f in candidates
+            if f.name != TABLE_NAME and SEPARATE not in f.parts and is_rows_file(f)
+        ]
     return files
 
 

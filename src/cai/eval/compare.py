@@ -509,6 +509,34 @@ def elo_rows(
     return rows
 
 
+def win_rate_rows(
+    cfg: DictConfig, points: list[Point], judgements: list[dict], trust: dict | None = None
+) -> list[dict]:
+    """Per point and (judge, dimension): the mean probability that its answer beats the
+    anchor's (eval.anchor, SL-CAI) to the same prompt, with a normal 95% interval over the
+    judged prompts: how often a judge prefers a model to where it started."""
+    anchor = next(p.player for p in points if p.series == cfg.eval.anchor)
+    rows = []
+    for judge, dimension in sorted({(j["judge"], j["dimension"]) for j in judgements}):
+        these = [j for j in judgements if j["judge"] == judge and j["dimension"] == dimension]
+        for point in points:
+            wins = [
+                j["p_a"] if j["player_a"] == point.player else 1.0 - j["p_a"]
+                for j in these
+                if {j["player_a"], j["player_b"]} == {point.player, anchor}
+            ]
+            if point.player == anchor or not wins:
+                continue
+            mean, low, high = mean_interval(wins)
+            rows.append(
+                point_row(
+                    cfg, point, eval=dimension, judge=judge, metric="win_rate_vs_anchor",
+                    value=mean, low=low, high=high, n=len(wins), **trust_fields(trust, judge),
+                )
+            )  # fmt: skip
+    return rows
+
+
 def model_rows(
     cfg: DictConfig,
     points: list[Point],
@@ -548,6 +576,14 @@ def model_rows(
                         n=len(mine),
                     )
                 )
+            ended = sum(samples[i].get("finish", "stop") == "stop" for i in mine) / len(mine)
+            low, high = wilson_interval(ended * len(mine), len(mine))
+            rows.append(
+                point_row(
+                    cfg, point, eval=kind, metric="ended_rate", value=ended, low=low, high=high,
+                    n=len(mine),
+                )  # answers that ended before eval.max_new_tokens (not cut off)
+            )  # fmt: skip
             tokens = mean_interval([float(samples[i]["tokens"]) for i in mine])
             rows.append(
                 point_row(

@@ -42,6 +42,7 @@ from cai.eval.compare import (
     sample_answers,
     validate_ai_judge,
     validate_rule,
+    win_rate_rows,
 )
 from cai.eval.judges import judge_name, load_judges, load_validation
 from cai.generation import endpoint_engine
@@ -120,6 +121,7 @@ def run(cfg: DictConfig, inputs: dict[str, Artifact], work_dir: Path) -> dict:
     # PM scores of the revisions (Figure 5)
     write_jsonl_atomic(work_dir / "judgements.jsonl", judgements)
     rows += elo_rows(cfg, points, judgements, trust)
+    rows += win_rate_rows(cfg, points, judgements, trust)
     rows += model_rows(cfg, points, samples, scores, trust)
     rows += revision_rows(cfg, inputs["generate_sl"], pm_judges, trust) if pm_judges else []
     write_rows(work_dir / "rows.csv", rows)
@@ -241,6 +243,7 @@ STAGE = Stage(
         "feedback.function",
         "feedback.helpfulness_principle",
     ),
+    version=2,  # 2: ended_rate and win_rate_vs_anchor rows
     upstream=("generate_sl", "sft", "judge"),
     runtime=(
         "eval.ai_feedback.chunk_size",

@@ -77,9 +77,7 @@ def run(cfg: DictConfig, inputs: dict[str, Artifact], work_dir: Path) -> dict:
     }
 
 
-def evaluate(
-    cfg: DictConfig, scorer: PreferenceModel, name: str, parameters: int, held_out: list
-):
+def evaluate(cfg: DictConfig, scorer: PreferenceModel, name: str, parameters: int, held_out: list):
     """PM accuracy, margin and ECE on the held-out AI-labelled pairs the labeller decides (per
     kind: heldout_ai_harmless, heldout_ai_helpful), on hh-rlhf harmless `pm_eval` (comparisons
     within pm.max_length) and on the 438 HHH pairs."""
@@ -118,6 +116,7 @@ STAGE = Stage(
     },
     distributed=True,
     # pm.holdout_percent=0 (every pair trains) leaves the key as it was before the setting
-    inert=lambda cfg: () if int(cfg.pm.holdout_percent) else ("pm.holdout_percent",
-                                                              "pm.holdout_min_margin"),
+    inert=lambda cfg: (
+        () if int(cfg.pm.holdout_percent) else ("pm.holdout_percent", "pm.holdout_min_margin")
+    ),
 )
