@@ -277,13 +277,27 @@ def labeller_model(
     )
 
 
+def pair_comparisons(samples: list[dict], keys: list[tuple]) -> list[Comparison]:
+    """The two players' answers to one prompt and sample, per pair key (pair_keys), as a
+    comparison for a pairwise judge."""
+    answers = {(s["prompt_id"], s["sample"], s["player"]): s for s in samples}
+    return [
+        Comparison.of_answers(
+            f"eval/{pid}/{k}/{a}/{b}",
+            answers[(pid, k, a)]["prompt"],
+            (answers[(pid, k, a)]["answer"], answers[(pid, k, b)]["answer"]),
+            kind,
+        )
+        for kind, pid, k, a, b in keys
+    ]
+
+
 def ai_feedback_judgements(
     cfg: DictConfig, samples: list[dict], judge: AIJudge, work_dir: Path
 ) -> list[dict]:
     """The AI feedback judge's judgement of a seeded subset of the pairs (at most
     eval.ai_feedback.max_comparisons per kind), both answer orders averaged."""
     node = cfg.eval.ai_feedback
-    answers = {(s["prompt_id"], s["sample"], s["player"]): s for s in samples}
     keys = pair_keys(samples)
     chosen = []
     for kind in DIMENSION_OF_KIND:
@@ -292,15 +306,7 @@ def ai_feedback_judgements(
         if limit is not None and len(of_kind) > int(limit):
             of_kind = random.Random(f"{cfg.seed}/eval-ai-judge/{kind}").sample(of_kind, int(limit))
         chosen += sorted(of_kind)
-    comparisons = [
-        Comparison.of_answers(
-            f"eval/{pid}/{k}/{a}/{b}",
-            answers[(pid, k, a)]["prompt"],
-            (answers[(pid, k, a)]["answer"], answers[(pid, k, b)]["answer"]),
-            kind,
-        )
-        for kind, pid, k, a, b in chosen
-    ]
+    comparisons = pair_comparisons(samples, chosen)
     if not comparisons:
         return []
     parts = PartWriter(work_dir / "judge_parts")
@@ -327,18 +333,8 @@ def rule_judgements(rule_path: str, samples: list[dict]) -> list[dict]:
     players, both answer orders averaged; red-team prompts judged as harmlessness, helpfulness
     prompts as helpfulness."""
     fn = load_function(rule_path, "eval.rule")
-    answers = {(s["prompt_id"], s["sample"], s["player"]): s for s in samples}
     keys = pair_keys(samples)
-    comparisons = [
-        Comparison.of_answers(
-            f"eval/{pid}/{k}/{a}/{b}",
-            answers[(pid, k, a)]["prompt"],
-            (answers[(pid, k, a)]["answer"], answers[(pid, k, b)]["answer"]),
-            kind,
-        )
-        for kind, pid, k, a, b in keys
-    ]
-    labels = label_with_function(fn, comparisons, True, "eval.rule")
+    labels = label_with_function(fn, pair_comparisons(samples, keys), True, "eval.rule")
     return [
         _judgement("rule", kind, pid, k, a, b, label["p_a"])
         for (kind, pid, k, a, b), label in zip(keys, labels, strict=True)
