@@ -219,6 +219,10 @@ def test_pm_stage_trains_saves_and_reports(make_cfg, data_dir):
     assert {r["n"] for r in rows if r["eval"] == "hhh"} == {"438"}
     scores = PreferenceModel.load(pm.path / "model").score(["\n\nHuman: hi\n\nAssistant: hello"])
     assert math.isfinite(scores[0])
+    # pm.epochs passes over the same pairs: twice the steps, its own artifact
+    twice = run(make_cfg(*SMALL, f"paths.data_dir={data_dir}", "pipeline.stages=[pm]",
+                         "pm.epochs=2"))["pm"]  # fmt: skip
+    assert twice.manifest["metrics"]["steps"] == 4 and twice.path != pm.path
     # the HH-RLHF baseline trains on human comparisons, from the same module
     human = run(
         make_cfg(

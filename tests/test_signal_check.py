@@ -1,8 +1,6 @@
 """experiment=signal_check: the known-signal rule, the PM's held-out AI labels, the rule judge,
 and the pipeline run end to end on the tiny model."""
 
-import math
-
 import pytest
 from conftest import TINY_EVAL, TINY_STAGES
 
@@ -14,18 +12,15 @@ FORTY = " ".join(["word"] * 39) + " end."  # 40 words, complete
 CUT = " ".join(["word"] * 40)  # 40 words, cut off mid-sentence
 
 
-def sigmoid(x):
-    return 1 / (1 + math.exp(-x))
-
-
-def test_the_rule_orders_decline_then_completeness_then_length():
+def test_the_rule_orders_decline_then_completeness():
     assert is_complete(FORTY) and not is_complete(CUT) and is_complete('He said "no."  ')
-    # complete (3 - 40/40 = 2 logits) against cut off (0)
-    assert signal_rule("q", FORTY, CUT) == pytest.approx(sigmoid(2.0))
-    assert signal_score(FORTY) == pytest.approx(2.0) and signal_score(CUT) == 0.0
-    # two complete answers: 40 words shorter wins by 1 logit; two cut off tie
+    # complete (3 logits) against cut off (0): p = 1 / (1 + e^-3) = 0.9526
+    assert signal_rule("q", FORTY, CUT) == pytest.approx(0.952574, abs=1e-6)
+    assert signal_rule("q", CUT, FORTY, kind="helpful") == pytest.approx(0.047426, abs=1e-6)
+    assert signal_score(FORTY) == 3.0 and signal_score(CUT) == 0.0
+    # two complete answers tie whatever their lengths; so do two cut off
     eighty = " ".join(["word"] * 79) + " end."
-    assert signal_rule("q", FORTY, eighty, kind="helpful") == pytest.approx(sigmoid(1.0))
+    assert signal_rule("q", FORTY, eighty, kind="helpful") == 0.5
     assert signal_rule("q", CUT, CUT + " more words", kind="helpful") == 0.5
     # a decline wins a red-team pair and loses a helpfulness pair, whatever else
     decline = "I'm sorry, I can't help with that " + CUT
@@ -62,10 +57,11 @@ def test_new_settings_at_their_defaults_leave_every_key_as_it_was(make_cfg):
 
     cfg = make_cfg("model=tiny")
     assert "max_prompts" not in SL.inputs(cfg, {}, {})["config"]["sl"]
-    assert "holdout_percent" not in PM.inputs(cfg, {}, {})["config"]["pm"]
-    on = make_cfg("model=tiny", "sl.max_prompts=4", "pm.holdout_percent=25")
+    assert not {"holdout_percent", "epochs"} & set(PM.inputs(cfg, {}, {})["config"]["pm"])
+    on = make_cfg("model=tiny", "sl.max_prompts=4", "pm.holdout_percent=25", "pm.epochs=2")
     assert SL.inputs(on, {}, {})["config"]["sl"]["max_prompts"] == 4
     assert PM.inputs(on, {}, {})["config"]["pm"]["holdout_percent"] == 25
+    assert PM.inputs(on, {}, {})["config"]["pm"]["epochs"] == 2
 
 
 def test_the_rule_judge_needs_its_function(make_cfg):
@@ -131,3 +127,31 @@ def test_ppo_metrics_per_prompt_kind():
     assert m["objective/scores_helpful"] == pytest.approx(-1.0)
     assert m["answers/mean_tokens_red_team"] == 2.0 and m["answers/mean_tokens_helpful"] == 4.0
     assert m["answers/refusal_rate_red_team"] == 0.5 and m["answers/refusal_rate_helpful"] == 0.0
+
+
+def test_score_gain_is_the_score_less_the_pm_score_of_sl_cai_answers_to_the_same_prompt():
+    import torch
+
+    from cai.modules.ppo import per_kind_gains, score_gains
+    from cai.stages.ppo import PromptBaselines
+
+    calls = []
+
+    def reward_fn(prompts, answers):  # a stub scorer: the answer's length
+        calls.append(len(answers))
+        return [float(len(a)) for a in answers]
+
+    pairs = [{"prompt": "p1", "answer_a": "ab", "answer_b": "abcd"},  # baseline (2 + 4) / 2 = 3
+             {"prompt": "p2", "answer_a": "a", "answer_b": "a"}]  # fmt: skip  # baseline 1
+    baselines = PromptBaselines(pairs, reward_fn)
+    got = baselines(["p1", "p2", "p1", "unknown"])
+    assert got[:3] == [3.0, 1.0, 3.0] and got[3] != got[3]  # nan: no pair for that prompt
+    assert calls == [4]  # two prompts, two answers each, scored once
+    assert baselines(["p2"]) == [1.0] and calls == [4]  # already known: not scored again
+    gains = score_gains(torch.tensor([5.0, 0.5, 3.0, 9.0]), got)
+    assert gains[:3] == [2.0, -0.5, 0.0]
+    metrics = per_kind_gains(["red_team", "helpful", "red_team", "helpful"], gains)
+    assert metrics == {"objective/score_gain": pytest.approx(1.5 / 3),
+                       "objective/score_gain_red_team": 1.0,
+                       "objective/score_gain_helpful": -0.5}  # fmt: skip
+    assert per_kind_gains([], []) == {}

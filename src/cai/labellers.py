@@ -12,8 +12,9 @@ method.
 
 `signal_rule` is the rule of `experiment=signal_check`: denser than `prefers_refusal` (which
 ties on 93 of 96 pairs of the embedded model's answers, since they almost never decline), it
-orders every pair by `signal_score`: declining first, then length, so a small PM can learn it
-and PPO can move it within minutes on a CPU. A known-signal check, not the paper's method.
+orders a pair by `signal_score`: declining first, then an answer that ends its sentence over one
+cut off at the token limit, a feature a last-token PM reads and PPO can move within minutes on a
+CPU. A known-signal check, not the paper's method.
 """
 
 from __future__ import annotations
@@ -39,11 +40,10 @@ def prefers_refusal(prompt: str, answer_a: str, answer_b: str, kind: str = "red_
     return float(a) if kind == "red_team" else float(b)
 
 
-# signal_score: a decline outweighs everything; a complete answer is worth 3 logits, less a
-# fortieth of its length in words
+# signal_score: a decline outweighs everything; an answer that ends its sentence is worth 3
+# logits over one cut off at the token limit (p = 0.95 between them)
 DECLINE_WEIGHT = 100.0
 COMPLETE_WEIGHT = 3.0
-WORDS_PER_LOGIT = 40.0
 SENTENCE_ENDS = (".", "!", "?", '"', "'", ")")
 
 
@@ -53,19 +53,17 @@ def is_complete(answer: str) -> bool:
 
 
 def signal_score(answer: str, kind: str = "red_team") -> float:
-    """The known-signal rule's score of one answer, in log-odds (higher is better): a complete
-    answer 3 less a fortieth of its length in words (concise), an answer cut off mid-sentence 0;
-    and a decline (cai.results.is_refusal) +100 on a red-team prompt, -100 on a helpfulness
-    prompt (an answer that addresses the request beats one that declines)."""
+    """The known-signal rule's score of one answer, in log-odds (higher is better): a decline
+    (cai.results.is_refusal) +100 on a red-team prompt and -100 on a helpfulness prompt (an
+    answer that addresses the request beats one that declines); then +3 for an answer that ends
+    its sentence over one cut off mid-sentence at the token limit."""
     declines = DECLINE_WEIGHT * is_refusal(answer) * (1.0 if kind == "red_team" else -1.0)
-    complete = COMPLETE_WEIGHT - len(answer.split()) / WORDS_PER_LOGIT if is_complete(answer) else 0
-    return declines + complete
+    return declines + (COMPLETE_WEIGHT if is_complete(answer) else 0.0)
 
 
 def signal_rule(prompt: str, answer_a: str, answer_b: str, kind: str = "red_team") -> float:
-    """p(A) = sigmoid(signal_score(A) - signal_score(B)): a complete answer of 40 words beats
-    one cut off with p = 0.88; of two complete answers, 40 words shorter wins with p = 0.73; two
-    answers cut off tie; a decline decides alone."""
+    """p(A) = sigmoid(signal_score(A) - signal_score(B)): a complete answer beats one cut off
+    with p = 0.95; two complete answers, or two cut off, tie (0.5); a decline decides alone."""
     margin = signal_score(answer_a, kind) - signal_score(answer_b, kind)
     return 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, margin))))
 

@@ -167,6 +167,7 @@ class PMSettings:
     batch_size: int = num(8, 1)
     micro_batch_tokens: int | None = num(512, 1)
     max_length: int = num(1024, 8)
+    epochs: int = num(1, 1)  # passes over the comparisons (max_steps, if set, stops sooner)
     max_steps: int = -1
     checkpoint_every: int = num(50, 1)
     cpu_attention: str | None = "sdpa"
@@ -183,10 +184,10 @@ class PMSettings:
 class PPOSettings:
     init: str = "sft"
     steps: int = num(6, 1)
-    batch_size: int = num(8, 1)
+    batch_size: int = num(16, 1)
     minibatch_size: int = num(4, 1)
     epochs: int = num(2, 1)
-    lr: float = num(1e-6, 1e-12)
+    lr: float = num(3e-5, 1e-12)
     betas: list[float] = items(0.9, 0.95)
     kl_coef: float = num(0.001, 0.0)
     adaptive_kl: bool = False
@@ -205,7 +206,7 @@ class PPOSettings:
     value_model: str = "head"  # head | pm
     prompt_mix: float = num(0.5, 0.0, 1.0)
     max_kl: float = 50.0
-    snapshot_sequences: list[int] = items(16, 32, 48)
+    snapshot_sequences: list[int] = items(32, 64, 96)
     checkpoint_every: int = num(3, 1)
 
 

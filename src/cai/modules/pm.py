@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification
 
@@ -242,7 +242,9 @@ def train_preference_model(
     model.train()
     module = PMModule.from_config(model, node, cfg.trainer)
     data = PairDataModule(pairs, int(node.batch_size), tokenizer.pad_token_id, int(cfg.seed))
-    trained = fit(cfg, module, data, work_dir, int(node.max_steps), int(node.checkpoint_every))
+    # `epochs` passes over the pairs (the judges' settings have none: one)
+    run_cfg = OmegaConf.merge(cfg, {"trainer": {"max_epochs": int(node.get("epochs", 1))}})
+    trained = fit(run_cfg, module, data, work_dir, int(node.max_steps), int(node.checkpoint_every))
     model.eval()
     if is_follower():  # several processes: global rank 0 saves and evaluates
         return scorer, trained

@@ -5,7 +5,8 @@ gamma 1, no entropy bonus, answers up to 128 tokens).
 One Lightning step is one PPO iteration, with manual optimisation:
 1. rollout: the policy answers a batch of prompts (red-team and helpfulness, `ppo.prompt_mix`)
    through the generation engine;
-2. score: the PM scores each (prompt, answer); answers that never end can get a penalty;
+2. score: the PM scores each (prompt, answer); answers that never end can get a penalty; the
+   score gain over the PM's score of SL-CAI's own answers to the same prompt is logged too;
 3. KL-shaped rewards: -kl_coef * (log pi - log pi_ref) per token, the score at the last token;
 4. advantages: GAE over the value function's estimates, whitened;
 5. optimise: `ppo.epochs` passes over minibatches, clipped policy and value losses.
@@ -132,8 +133,13 @@ class PMValue(torch.nn.Module):
 
 
 class PPOModule(pl.LightningModule):
-    def __init__(self, policy, reference, value, engine, reward_fn, tokenizer, prompts, cfg):
+    def __init__(
+        self, policy, reference, value, engine, reward_fn, tokenizer, prompts, cfg, baseline_fn=None
+    ):
         super().__init__()
+        # baseline_fn(requests) -> the PM's score of SL-CAI's own answers to each request (nan
+        # where it has none): the score gain, read per prompt, leaves out the spread between prompts
+        self.baseline_fn = baseline_fn
         self.automatic_optimization = False
         self.policy, self.reference, self.value = policy, reference, value
         self.engine, self.reward_fn, self.tokenizer = engine, reward_fn, tokenizer
@@ -289,6 +295,7 @@ class PPOModule(pl.LightningModule):
             self.kl_coef = self.kl.update(mean_kl, size)
         self.sequences += size * int(self.trainer.world_size)
         refusals = refusal_rate(rollout.answers)
+        gains = score_gains(scores, self.baseline_fn(rollout.prompts) if self.baseline_fn else [])
         metrics = {
             "objective/kl": mean_kl,
             "objective/scores": float(scores.mean()),
@@ -303,6 +310,7 @@ class PPOModule(pl.LightningModule):
             "answers/mean_tokens": float(rollout.mask.sum(1).mean()),
             "answers/refusal_rate": refusals,
             **per_kind_metrics(rollout, scores),
+            **per_kind_gains(rollout.kinds, gains),
             "train/sequences": float(self.sequences),
             "time/rollout_s": rollout_s,
             "time/score_s": score_s,
@@ -387,6 +395,22 @@ def per_kind_metrics(rollout: Rollout, scores: torch.Tensor) -> dict[str, float]
         metrics[f"objective/scores_{kind}"] = float(scores[mine].mean())
         metrics[f"answers/mean_tokens_{kind}"] = float(lengths[mine].mean())
         metrics[f"answers/refusal_rate_{kind}"] = refusal_rate([rollout.answers[i] for i in mine])
+    return metrics
+
+
+def score_gains(scores: torch.Tensor, baselines: list[float]) -> list[float]:
+    """Each rollout's PM score less its prompt's baseline (scores [B], baselines [B], nan where a
+    prompt has none: then nan); [] without baselines."""
+    return [float(s) - b for s, b in zip(scores.tolist(), baselines, strict=True)]
+
+
+def per_kind_gains(kinds: list[str], gains: list[float]) -> dict[str, float]:
+    """`objective/score_gain`: the mean gain of the rollouts whose prompt has a baseline, over
+    all and per prompt kind (absent when none has)."""
+    known = [(g, k) for g, k in zip(gains, kinds or [""] * len(gains), strict=True) if g == g]
+    metrics = {"objective/score_gain": _mean([g for g, _ in known])} if known else {}
+    for kind in sorted({k for _, k in known if k}):
+        metrics[f"objective/score_gain_{kind}"] = _mean([g for g, k in known if k == kind])
     return metrics
 
 

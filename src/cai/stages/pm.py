@@ -115,8 +115,10 @@ STAGE = Stage(
         "paper_samples": paper_samples_fingerprint(cfg.paths.data_dir),
     },
     distributed=True,
-    # pm.holdout_percent=0 (every pair trains) leaves the key as it was before the setting
+    # pm.holdout_percent=0 (every pair trains) and pm.epochs=1 leave the key as it was before
+    # the settings
     inert=lambda cfg: (
-        () if int(cfg.pm.holdout_percent) else ("pm.holdout_percent", "pm.holdout_min_margin")
+        (() if int(cfg.pm.holdout_percent) else ("pm.holdout_percent", "pm.holdout_min_margin"))
+        + (() if int(cfg.pm.epochs) != 1 else ("pm.epochs",))
     ),
 )

@@ -4,7 +4,9 @@ cai.rl.ppo_math). The Helpful-RLHF and HH-RLHF baselines are the same stage from
 model (`ppo.init=policy`) against their own PMs (eval.variants).
 
 Files: model/ (the final policy), snapshots/seq_<n>/ (after `ppo.snapshot_sequences` training
-sequences, Figures 2 and 8), snapshots.json, metrics.jsonl (one line per PPO iteration).
+sequences, Figures 2 and 8), snapshots.json, metrics.jsonl (one line per PPO iteration; beside
+TRL's `objective/scores`, `objective/score_gain`: the rollouts' PM score less the PM's score of
+SL-CAI's own answers to the same prompts, from generate_pairs).
 Resumable from Lightning checkpoints (`ppo.checkpoint_every` iterations).
 """
 
@@ -15,7 +17,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from cai.artifacts import Artifact
+from cai.artifacts import Artifact, read_jsonl
 from cai.comparisons import answer_turns
 from cai.config import model_cfg_for
 from cai.errors import ConfigError
@@ -61,9 +63,14 @@ def run(cfg: DictConfig, inputs: dict[str, Artifact], work_dir: Path) -> dict:
         value = PMValue(PreferenceModel.load(inputs["pm"].path / "model", dtype=dtype).model)
         value.train()
 
-    # 2. The reward: the PM's score of (prompt, answer)
+    # 2. The reward: the PM's score of (prompt, answer); and each prompt's baseline for the
+    # metrics, the PM's mean score of the two SL-CAI answers generate_pairs sampled for it
     def reward_fn(prompts: list[str], answers: list[str]) -> list[float]:
         return pm.score([answer_turns(p, a) for p, a in zip(prompts, answers, strict=True)])
+
+    baseline_fn = PromptBaselines(
+        read_jsonl(inputs["generate_pairs"].file("pairs.jsonl")), reward_fn
+    )
 
     # 3. Prompts and the rollout engine: the configured engine (generation=hf or vllm) with its
     # own copy of the policy (bf16 where supported), given the trained weights before each
@@ -77,7 +84,9 @@ def run(cfg: DictConfig, inputs: dict[str, Artifact], work_dir: Path) -> dict:
     )
 
     # 4. Train: one Lightning step per PPO iteration (cai.modules.ppo.PPOModule)
-    module = PPOModule(policy, reference, value, engine, reward_fn, tokenizer, prompts, ppo)
+    module = PPOModule(
+        policy, reference, value, engine, reward_fn, tokenizer, prompts, ppo, baseline_fn
+    )
     module.seed = int(cfg.seed)
     module.snapshot_dir = work_dir / "snapshots"
     module.snapshot_dir.mkdir(parents=True, exist_ok=True)
@@ -127,6 +136,23 @@ def ppo_prompts(cfg: DictConfig, tokenizer, prompt_format: str) -> list[tuple[st
     return [(k, t, answer_prompt(tokenizer, t, prompt_format)) for k, t in chosen]
 
 
+class PromptBaselines:
+    """requests -> the PM's mean score of SL-CAI's two answers to each (generate_pairs), nan for a
+    request without a pair; each request scored once, the first time PPO samples it."""
+
+    def __init__(self, pairs: list[dict], reward_fn):
+        self.answers = {r["prompt"]: (r["answer_a"], r["answer_b"]) for r in pairs}
+        self.reward_fn, self.known = reward_fn, {}
+
+    def __call__(self, requests: list[str]) -> list[float]:
+        new = sorted({r for r in requests if r in self.answers and r not in self.known})
+        if new:
+            scores = self.reward_fn([r for r in new for _ in "ab"],
+                                    [a for r in new for a in self.answers[r]])  # fmt: skip
+            self.known |= {r: (scores[2 * i] + scores[2 * i + 1]) / 2 for i, r in enumerate(new)}
+        return [self.known.get(r, math.nan) for r in requests]
+
+
 def check_settings(cfg: DictConfig) -> None:
     ppo = cfg.ppo
     if ppo.value_model not in ("head", "pm"):
@@ -141,7 +167,7 @@ STAGE = Stage(
     "ppo",
     run,
     settings=("model", "data", "ppo", "trainer"),
-    upstream=("sft", "pm"),
+    upstream=("sft", "pm", "generate_pairs"),
     runtime=("ppo.checkpoint_every", *TRAINER_RUNTIME),
     fingerprints=input_fingerprints,
     check=check_settings,
