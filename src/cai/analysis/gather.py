@@ -28,9 +28,10 @@ def is_rows_file(path: Path) -> bool:
     return tuple(header) in (ROW_FIELDS, LEGACY_FIELDS)
 
 
-# results/signal_check/: the known-signal check's rows (experiment=signal_check), kept out of the
-# paper's figures: a rule labelled its PM, not the paper's method
-SEPARATE = "signal_check"
+# Kept out of the paper's figures: results/signal_check/, the known-signal check's rows
+# (experiment=signal_check: a rule labelled its PM, not the paper's method), and
+# results/archive/, runs of earlier code kept for what they measured
+SEPARATE = ("signal_check", "archive")
 
 
 def rows_files(results_dir: str | Path, extra: list[str | Path] = ()) -> list[Path]:
@@ -44,7 +45,7 @@ def rows_files(results_dir: str | Path, extra: list[str | Path] = ()) -> list[Pa
         files += [
             f
             for f in candidates
-            if f.name != TABLE_NAME and SEPARATE not in f.parts and is_rows_file(f)
+            if f.name != TABLE_NAME and not set(SEPARATE) & set(f.parts) and is_rows_file(f)
         ]
     return files
 
