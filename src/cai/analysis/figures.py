@@ -690,6 +690,8 @@ def figure_signal_check(history: list[dict], table: pd.DataFrame):
     for kind in ("red_team", "helpful"):
         if f"objective/scores_{kind}" in steps:
             ax.plot(x, steps[f"objective/scores_{kind}"], ".--", label=kind)
+    if "objective/score_gain" in steps:  # less SL-CAI's own answers to the same prompts
+        ax.plot(x, steps["objective/score_gain"], "s-", label="gain over SL-CAI, same prompts")
     ax.set(title="PPO: training-PM score of the rollouts", xlabel="RL training sequences",
            ylabel="PM score")  # fmt: skip
     ax.legend(fontsize=7)
