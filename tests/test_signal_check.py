@@ -94,7 +94,11 @@ def test_signal_check_runs_every_stage_and_the_rule_judges_every_pair(make_cfg):
     assert pm["train_pairs"] + pm["held_out_pairs"] <= 16
     assert {k for k in pm["eval"] if k.startswith("heldout_")}  # measured on its own labels
     history = artifacts["ppo"].manifest["metrics"]["last"]
-    assert {"objective/scores_red_team", "answers/mean_tokens_helpful"} <= set(history)
+    assert {
+        "objective/scores_red_team",
+        "answers/mean_tokens_helpful",
+        "objective/score_gain",
+    } <= set(history)  # the gain: every PPO prompt has SL-CAI answers from generate_pairs
     ev = artifacts["eval"]
     judgements = read_jsonl(ev.file("judgements.jsonl"))
     samples = read_jsonl(ev.file("samples.jsonl"))
@@ -155,3 +159,4 @@ def test_score_gain_is_the_score_less_the_pm_score_of_sl_cai_answers_to_the_same
                        "objective/score_gain_red_team": 1.0,
                        "objective/score_gain_helpful": -0.5}  # fmt: skip
     assert per_kind_gains([], []) == {}
+    assert score_gains(torch.tensor([1.0, 2.0]), []) == []  # no baselines: no gains

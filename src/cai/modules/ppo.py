@@ -401,12 +401,16 @@ def per_kind_metrics(rollout: Rollout, scores: torch.Tensor) -> dict[str, float]
 def score_gains(scores: torch.Tensor, baselines: list[float]) -> list[float]:
     """Each rollout's PM score less its prompt's baseline (scores [B], baselines [B], nan where a
     prompt has none: then nan); [] without baselines."""
+    if not baselines:
+        return []
     return [float(s) - b for s, b in zip(scores.tolist(), baselines, strict=True)]
 
 
 def per_kind_gains(kinds: list[str], gains: list[float]) -> dict[str, float]:
     """`objective/score_gain`: the mean gain of the rollouts whose prompt has a baseline, over
     all and per prompt kind (absent when none has)."""
+    if not gains:
+        return {}
     known = [(g, k) for g, k in zip(gains, kinds or [""] * len(gains), strict=True) if g == g]
     metrics = {"objective/score_gain": _mean([g for g, _ in known])} if known else {}
     for kind in sorted({k for _, k in known if k}):
