@@ -67,11 +67,6 @@ def test_main_command_on_the_embedded_model(tmp_path: Path):
     assert evaluation["players"] == ["helpful", "sl_cai", "rl_cai@2"]
     assert (tmp_path / "figures" / "fig2_pareto.png").is_file()  # the run ends with the figures
     assert len(list((tmp_path / "results" / "runs").glob("*.csv"))) == 2  # one per run
-    # pipeline.figures=false (experiment=signal_check): the rows stay in the run folder only
-    third = run_train([*args, "pipeline.figures=false"], tmp_path, timeout=600)
-    assert third.returncode == 0, third.stderr[-3000:]
-    assert len(list((tmp_path / "results" / "runs").glob("*.csv"))) == 2
-    assert len(list((tmp_path / "outputs" / "runs").glob("*/*/results.csv"))) == 3
 
 
 def test_smoke_experiment(tmp_path: Path):

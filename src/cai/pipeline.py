@@ -239,8 +239,7 @@ def run(cfg: DictConfig, stage_processes: bool = False) -> dict[str, Artifact]:
         write_json_atomic(Path(output_dir) / "pipeline_summary.json", summary)
         if rows := _run_rows(own):
             write_rows(Path(output_dir) / "results.csv", rows)
-            if cfg.pipeline.get("figures", True):  # false: the rows stay in the run folder
-                _publish(cfg, Path(output_dir), rows, _calibration_rows(own))
+            _publish(cfg, Path(output_dir), rows, _calibration_rows(own))
     if summary and not follower:
         print(summary_table(summary, cfg, output_dir), flush=True)
     return own
@@ -315,8 +314,9 @@ def _publish(
     if calibration:  # the HHH reliability table (Figure 9), with the model it measured
         records = [r | {"model": cfg.model.name} for r in calibration]
         write_csv(target.with_name(f"{name}_hhh_calibration.csv"), records, list(records[0]))
-    written = make_figures(cfg.paths.results_dir, cfg.paths.figures_dir)
-    log.info("Figures from %s: %s", cfg.paths.results_dir, Path(written[0]).parent)
+    if cfg.pipeline.get("figures", True):
+        written = make_figures(cfg.paths.results_dir, cfg.paths.figures_dir)
+        log.info("Figures from %s: %s", cfg.paths.results_dir, Path(written[0]).parent)
 
 
 def _stamp_rows(path: Path, key: str) -> None:
