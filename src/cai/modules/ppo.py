@@ -231,6 +231,9 @@ class PPOModule(pl.LightningModule):
         if ppo.no_eos_penalty is not None:
             ended = torch.tensor(rollout.ended, device=self.device)
             scores = torch.where(ended, scores, torch.full_like(scores, float(ppo.no_eos_penalty)))
+        # the score gain for the metrics: the PM's score of SL-CAI's answers to the same prompts
+        # (scored the first time a prompt is drawn, so its time counts as scoring)
+        gains = score_gains(scores, self.baseline_fn(rollout.prompts) if self.baseline_fn else [])
         score_s = time.perf_counter() - started - rollout_s
         # 3. old log-probabilities, values, reference log-probabilities; KL-shaped rewards
         with torch.no_grad():
@@ -295,7 +298,6 @@ class PPOModule(pl.LightningModule):
             self.kl_coef = self.kl.update(mean_kl, size)
         self.sequences += size * int(self.trainer.world_size)
         refusals = refusal_rate(rollout.answers)
-        gains = score_gains(scores, self.baseline_fn(rollout.prompts) if self.baseline_fn else [])
         metrics = {
             "objective/kl": mean_kl,
             "objective/scores": float(scores.mean()),
@@ -411,7 +413,8 @@ def per_kind_gains(kinds: list[str], gains: list[float]) -> dict[str, float]:
     all and per prompt kind (absent when none has)."""
     if not gains:
         return {}
-    known = [(g, k) for g, k in zip(gains, kinds or [""] * len(gains), strict=True) if g == g]
+    kinds = kinds or [""] * len(gains)
+    known = [(g, k) for g, k in zip(gains, kinds, strict=True) if not math.isnan(g)]
     metrics = {"objective/score_gain": _mean([g for g, _ in known])} if known else {}
     for kind in sorted({k for _, k in known if k}):
         metrics[f"objective/score_gain_{kind}"] = _mean([g for g, k in known if k == kind])
