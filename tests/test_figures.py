@@ -181,12 +181,24 @@ def flagged_rows() -> list[dict]:
                         eval="harmlessness", method="sl_cai", judge="pm_harmlessness",
                         metric="elo", value=value, low=value - 5, high=value + 5, n=10))  # fmt: skip
     for judge, stage, value, low, flag in (
-        ("pm_harmlessness", "judge", 0.66, 0.61, ""),
+        ("pm_harmlessness", "judge", 0.66, 0.61, "not_above_shorter_wins"),
         ("ai_feedback", "eval", 0.51, 0.45, "at_chance"),
     ):
         rows.append(row(stage=stage, run_id="v", model="m135", eval="palms_test",
                         method="agreement", judge=judge, metric="agreement_paper_pm",
                         value=value, low=low, high=value + 0.05, n=500, flag=flag))  # fmt: skip
+    # beside the PM judge, on its pairs: the rule it does not beat, and its margin over it
+    rows.append(row(stage="judge", run_id="v", model="m135", eval="palms_test",
+                    method="trivial_rule", judge="shorter_wins", metric="agreement_paper_pm",
+                    value=0.64, low=0.60, high=0.68, n=500))  # fmt: skip
+    rows.append(row(stage="judge", run_id="v", model="m135", eval="palms_test",
+                    method="trivial_rule", judge="shorter_wins",
+                    metric="agreement_paper_pm_length_matched", value=0.55, low=0.5, high=0.6,
+                    n=200))  # fmt: skip
+    rows.append(row(stage="judge", run_id="v", model="m135", eval="palms_test",
+                    method="shorter_wins", judge="pm_harmlessness",
+                    metric="agreement_minus_best_rule", value=0.02, low=-0.01, high=0.05, n=500,
+                    flag="not_above_shorter_wins"))  # fmt: skip
     for method, value in (("helpful_rlhf", 1.0), ("rl_cai", 2.0), ("rl_cai_cot", 0.5)):
         for judge in ("pm_harmlessness", "paper_pm_52b"):
             rows.append(row(stage="judge", run_id="v", model="m135", eval="palms_answers",
@@ -250,7 +262,15 @@ def test_tables_say_which_judge_is_at_chance(tmp_path):
     ai_rows = [line for line in elo.splitlines() if "| ai_feedback |" in line]
     assert ai_rows and all(line.rstrip().endswith("False |") for line in ai_rows)
     text = validation_table(table)
-    assert "| ai_feedback | eval | m135 | 0.510 | [0.450, 0.560] | 500 | at chance |" in text
+    assert (
+        "| ai_feedback | eval | m135 | 0.510 [0.450, 0.560] | - | - | 500 | - | - | at chance |"
+        in text
+    )
+    assert (
+        "| pm_harmlessness | judge | m135 | 0.660 [0.610, 0.710] | - | - | 500 "
+        "| shorter_wins: 0.640 [0.600, 0.680] | +0.020 [-0.010, +0.050] | not above shorter wins |"
+    ) in text
+    assert "| shorter_wins | 500 | 0.640 [0.600, 0.680] | 0.550 [0.500, 0.600] | - |" in text
 
 
 def test_figure9_draws_the_reliability_of_the_hhh_answers():

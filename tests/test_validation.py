@@ -13,12 +13,14 @@ from conftest import TINY_EVAL, TINY_STAGES
 
 from cai.eval.validation import (
     ValidationSettings,
-    agreement_counts,
     bootstrap_agreement,
-    pairwise_counts,
+    counts_by_prompt,
+    credit,
+    paired_difference,
     trust_flag,
     validate_pairwise,
     validate_scorer,
+    verdict,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -67,18 +69,34 @@ def test_paper_samples_missing_is_one_clear_error(tmp_path, monkeypatch):
 # Statistics by hand
 
 
-def test_agreement_counts_by_hand():
+def test_agreement_credit_by_hand():
     # prompt p: paper scores 3 > 2 > 1; judge orders (a, b) right, (a, c) right, (b, c) wrong
-    ids = ["p", "p", "p", "q", "q"]
-    paper = [3.0, 2.0, 1.0, 1.0, 1.0]  # q: a paper tie, no pair counts
-    judge = [0.9, 0.1, 0.5, 0.0, 1.0]
-    assert agreement_counts(ids, judge, paper) == {"p": (2.0, 3), "q": (0.0, 0)}
-    # a judge tie counts 1/2
-    assert agreement_counts(["p", "p"], [0.5, 0.5], [2.0, 1.0]) == {"p": (0.5, 1)}
-    assert pairwise_counts(["p", "p", "q"], [0.8, 0.5, 0.3], [2, 1, 0], [1, 2, 1]) == {
-        "p": (1.5, 2),
-        "q": (1.0, 1),
+    paper = {"a": 3.0, "b": 2.0, "c": 1.0}
+    judge = {"a": 0.9, "b": 0.1, "c": 0.5}
+    pairs = [("a", "b"), ("a", "c"), ("b", "c")]
+    credits = [credit(judge[x] - judge[y], paper[x] - paper[y]) for x, y in pairs]
+    assert credits == [1.0, 1.0, 0.0]
+    assert credit(0.0, 1.0) == 0.5  # a judge tie counts 1/2
+    assert counts_by_prompt(["p", "p", "q"], credits) == {"p": (2.0, 2), "q": (0.0, 1)}
+    assert counts_by_prompt(["p", "p", "q"], credits, [False, True, True]) == {
+        "p": (1.0, 1),
+        "q": (0.0, 1),
     }
+    # pairwise judge: p(A better) - 1/2 is its difference
+    assert [credit(p - 0.5, d) for p, d in ((0.8, 1), (0.5, -1), (0.3, -1))] == [1.0, 0.5, 1.0]
+
+
+def test_paired_difference_and_verdict_by_hand():
+    ids = [f"p{i // 2}" for i in range(20)]
+    same = [1.0, 0.0] * 10
+    assert paired_difference(ids, same, same, 200, 0) == (0.0, 0.0, 0.0)
+    better = [1.0] * 20  # right on every pair where the other is right on half
+    value, low, high = paired_difference(ids, better, same, 200, 0)
+    assert value == 0.5 and low == high == 0.5  # every prompt: 2 of 2 against 1 of 2
+    assert verdict(0.55, 0.70, "shorter_wins", 0.01) == ""
+    assert verdict(0.55, 0.70, "shorter_wins", -0.02) == "not_above_shorter_wins"
+    assert verdict(0.45, 0.70, "shorter_wins", 0.10) == "at_chance"
+    assert verdict(0.20, 0.45, "longer_wins", -0.3) == "below_chance"
 
 
 def test_bootstrap_agreement_interval():
@@ -131,9 +149,47 @@ def test_validate_scorer_with_a_perfect_and_an_inverted_judge():
     assert inverted["agreement"] == 0.0 and inverted["flag"] == "below_chance"
     _, coin = validate_scorer("flat", lambda d: [0.0] * len(d), answers, [], settings, common)
     assert coin["agreement"] == 0.5 and coin["flag"] == "at_chance"
+    # beside it, on the same pairs: every answer has 3 words, so length rules tie (1/2); the
+    # oracle scores model types, so it is right across models and ties within one
+    assert summary["rules"]["shorter_wins"]["agreement"] == 0.5
+    assert summary["rules"]["longer_wins"]["agreement"] == 0.5
+    assert summary["rules"]["model_type_oracle"]["agreement"] == pytest.approx((72 + 9) / 90)
+    assert summary["within_model"]["pairs"] == 6 * 3  # 3 model types, one pair each
+    assert summary["within_model"]["agreement"] == 1.0
+    assert summary["within_model"]["rules"]["model_type_oracle"]["agreement"] == 0.5
+    assert summary["length_matched"]["pairs"] == 90  # equal lengths: every pair matched
+    assert summary["minus_best_rule"]["difference"] > 0.4 and summary["verdict"] == "validated"
+    assert summary["revision_gain"] == {"gain": 2.0, "interval": [2.0, 2.0]}
     # subsetting: answers_per_model=1 keeps index 0 of each model: 3 answers, 3 pairs per prompt
     _, one = validate_scorer("p", oracle, answers, [], ValidationSettings(1, bootstrap=10), common)
     assert one["pairs"] == 6 * 3
+
+
+def test_a_judge_that_is_the_length_rule_is_not_validated():
+    """A judge whose scores are minus the word count agrees above chance (shorter answers win
+    here) but no more than the rule "shorter wins": its verdict names the rule."""
+    from cai.paper_samples import PaperAnswer
+
+    answers = []
+    for p in range(12):  # the better answer is the shorter one on 3 of 4 pairs per prompt
+        for k, (words, score) in enumerate(((2, 4.0), (4, 3.0), (8, 2.0), (16, 2.5))):
+            answers.append(PaperAnswer(f"p{p}", "q", "rl_cai", k, " ".join(["w"] * words), score))
+    settings = ValidationSettings(answers_per_model=None, bootstrap=200)
+    rows, summary = validate_scorer(
+        "length", lambda ds: [-len(d[1]["content"].split()) for d in ds], answers, [], settings,
+        {"stage": "judge", "model": "m", "parameters": 1},
+    )  # fmt: skip
+    assert summary["agreement"] == summary["rules"]["shorter_wins"]["agreement"]
+    assert summary["agreement"] == pytest.approx(5 / 6, abs=1e-4)
+    assert summary["minus_best_rule"] == {"rule": "shorter_wins", "difference": 0.0,
+                                          "interval": [0.0, 0.0]}  # fmt: skip
+    assert summary["flag"] == "not_above_shorter_wins"
+    # length-matched (within 20%): no two of 2, 4, 8, 16 words are
+    assert summary["length_matched"]["pairs"] == 0
+    judged = [r for r in rows if r["judge"] == "length" and r["metric"] == "agreement_paper_pm"]
+    assert judged[0]["flag"] == "not_above_shorter_wins"
+    margin = [r for r in rows if r["metric"] == "agreement_minus_best_rule"]
+    assert margin[0]["method"] == "shorter_wins" and margin[0]["value"] == 0.0
 
 
 def test_validate_pairwise_judge():

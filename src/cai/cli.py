@@ -59,11 +59,17 @@ def figures(argv: list[str] | None = None) -> int:
         "(anchored at the largest model's SL-CAI) into RESULTS/joint_elo.csv first",
     )
     parser.add_argument("--bootstrap", type=int, default=1000, help="joint fit: resamples")
+    parser.add_argument(
+        "--pool-seeds",
+        action="store_true",
+        help="joint fit: one player per model and series across runs (runs that differ only in "
+        "their seed, pooled on purpose); default: every run's players kept apart",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.joint:
         try:
-            rows = joint_rows(args.extra, bootstrap=args.bootstrap)
+            rows = joint_rows(args.extra, bootstrap=args.bootstrap, pool_seeds=args.pool_seeds)
         except CAIError as error:
             print(f"Error: {error}", file=sys.stderr)
             return 2

@@ -13,10 +13,13 @@ Only safetensors weights are read, and `trust_remote_code` is off unless the con
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import logging
 import os
+import platform
+import re
 import shutil
 import socket
 import tempfile
@@ -35,6 +38,7 @@ from cai.errors import ModelUnavailable
 log = logging.getLogger(__name__)
 
 CACHE_MARKER = "cai_cache.json"  # written last: a cache folder without it is unfinished
+CACHE_FORMAT = 2  # 2: the cache's name also says which library versions wrote it
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,6 +127,55 @@ def bf16_supported() -> bool:
     return False
 
 
+def numerics() -> dict:
+    """What makes the same computation give other bytes on another machine, where the project
+    itself decides it: whether `auto` dtypes resolve to bfloat16 (CPUs with AVX-512 BF16 or AMX,
+    CUDA) or float32. Part of every artifact key (cai.stages.base.Stage.inputs), so a key names
+    one dtype: two machines of one kind, one with AVX-512 BF16 and one without, once shared keys
+    while computing in different dtypes (README, "Determinism")."""
+    return {"bf16_auto": bf16_supported(), "cuda": torch.cuda.is_available()}
+
+
+def machine() -> dict:
+    """The machine and libraries an artifact was built with (its manifest's `machine`): what can
+    still move bytes within one key (kernels chosen by instruction set, thread count)."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = ""
+    fields = dict(re.findall(r"^(model name|cpu family|model|stepping)\s*:\s*(.*)$", cpuinfo, re.M))
+    flags = re.search(r"^flags\s*:\s*(.*)$", cpuinfo, re.M)
+    isa = sorted(
+        f for f in (flags.group(1).split() if flags else []) if f.startswith(("avx512", "amx"))
+    )
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except AttributeError:  # older torch
+        capability = "unknown"
+    return {
+        "cpu": fields.get("model name", platform.processor()),
+        "cpu_family_model": f"{fields.get('cpu family', '?')}/{fields.get('model', '?')}",
+        "isa": isa,  # the AVX-512 and AMX extensions the kernels may use
+        "torch_cpu_capability": capability,
+        "threads": torch.get_num_threads(),
+        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "libraries": library_versions(),
+    }
+
+
+def library_versions() -> dict:
+    """Versions of the libraries whose code computes the bytes (pinned by constraints.txt)."""
+    names = ("torch", "transformers", "tokenizers", "safetensors", "gguf", "numpy",
+             "pytorch-lightning", "peft", "accelerate")  # fmt: skip
+    found = {}
+    for name in names:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found
+
+
 def count_parameters(model: torch.nn.Module) -> int:
     """Number of distinct parameters (tied weights counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
@@ -156,13 +209,22 @@ def ensure_gguf_cache(model_cfg: DictConfig, cache_dir: str | Path) -> Path:
     damaged. The build happens in a temporary folder renamed into place, so a crash leaves
     nothing that looks finished."""
     gguf_path = locate_gguf(model_cfg)
-    folder = Path(cache_dir) / "models" / f"{model_cfg.name}-{_file_fingerprint(gguf_path)}"
+    name = f"{model_cfg.name}-{_file_fingerprint(gguf_path)}-{_dequantiser_fingerprint()}"
+    folder = Path(cache_dir) / "models" / name
     if _cache_is_valid(folder):
         return folder
     if folder.exists():
         log.warning("Model cache %s is incomplete or damaged: re-creating it.", folder)
     _build_gguf_cache(gguf_path, folder)
     return folder
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _file_fingerprint(path: Path) -> str:
@@ -173,6 +235,16 @@ def _file_fingerprint(path: Path) -> str:
         handle.seek(max(0, path.stat().st_size - (1 << 20)))
         digest.update(handle.read())
     return digest.hexdigest()[:12]
+
+
+def _dequantiser_fingerprint() -> str:
+    """Short hash of the code that writes the cache's bytes (the libraries that dequantise and
+    save it, and this module's cache format): a cache built by other versions has another name,
+    so it is never reused under this one."""
+    versions = library_versions()
+    made_by = {k: versions.get(k) for k in ("torch", "transformers", "gguf", "safetensors")}
+    payload = json.dumps({"format": CACHE_FORMAT, **made_by}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:8]
 
 
 def _cache_is_valid(folder: Path) -> bool:
@@ -217,7 +289,13 @@ def _build_gguf_cache(gguf_path: Path, folder: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
-        marker = {"source": str(gguf_path), "files": files, "built_s": time.perf_counter() - start}
+        marker = {
+            "source": str(gguf_path),
+            "files": files,
+            "sha256": {n: _sha256(tmp / n) for n in files if n.endswith(".safetensors")},
+            "made_by": library_versions(),
+            "built_s": time.perf_counter() - start,
+        }
         (tmp / CACHE_MARKER).write_text(json.dumps(marker, indent=1))
         if folder.exists():
             shutil.rmtree(folder)
@@ -294,6 +372,8 @@ def _from_pretrained(cls, folder: str, model_cfg: DictConfig, **kwargs):
 
 __all__ = [
     "bf16_supported",
+    "machine",
+    "numerics",
     "build_random_model",
     "count_parameters",
     "ensure_gguf_cache",

@@ -47,6 +47,7 @@ from cai.memory import (
     release_freed_memory,
     rss_gb,
 )
+from cai.models import machine
 from cai.modules.training import is_follower
 from cai.results import read_rows, write_csv, write_rows
 from cai.settings import typed_config
@@ -388,6 +389,7 @@ def ensure_artifact(
                 "wall_s": round(time.time() - started, 3),
             },
             "versions": _versions(),
+            "machine": machine(),  # what can still move bytes within one key
         }
         return store.finish(name, key, manifest), True
 

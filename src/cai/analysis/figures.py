@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import matplotlib
@@ -89,16 +90,18 @@ def elo_rows(table: pd.DataFrame) -> pd.DataFrame:
     return table[(table.stage == "eval") & (table.metric == "elo")]
 
 
-UNTRUSTED = ("at_chance", "below_chance", "unvalidated")
+UNTRUSTED = ("at_chance", "below_chance", "unvalidated", "not_above_")
 
 
 def untrusted(group: pd.DataFrame) -> str:
-    """The trust problem of a group of rows' judge ('at chance', 'below chance', 'unvalidated')
-    or '' when its judge's validation interval lies above 0.5."""
+    """The trust problem of a group of rows' judge ('at chance', 'below chance', 'unvalidated',
+    'not above shorter wins': its margin over that trivial rule has an interval reaching 0) or
+    '' when its judge is validated (cai.eval.validation.verdict)."""
     flags = ";".join(str(f) for f in group.get("flag", pd.Series(dtype=str)).fillna(""))
     for flag in UNTRUSTED:
         if flag in flags:
-            return flag.replace("_", " ")
+            found = re.search(rf"{flag}[a-z_]*", flags).group(0)
+            return found.replace("_", " ")
     return ""
 
 
@@ -509,7 +512,7 @@ def validation_rows(table: pd.DataFrame) -> pd.DataFrame:
 def figure_validation(table: pd.DataFrame, paper: dict):
     rows = validation_rows(table)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
-    agreement = rows[rows.metric == "agreement_paper_pm"]
+    agreement = judge_agreement(rows)
     ax = axes[0]
     if agreement.empty:
         _empty(ax, "judge validation rows (judge and eval stages)")
@@ -531,7 +534,7 @@ def figure_validation(table: pd.DataFrame, paper: dict):
         ax.set_xticks(range(len(agreement)), labels, fontsize=7)
         ax.set(ylim=(0, 1), ylabel="Agreement with the paper's PM")
     ax.set_title("Pairs of the paper's answers ordered as its PM orders them\n"
-                 "(held-out PALMS prompts; red: interval reaches 0.5)", fontsize=9)  # fmt: skip
+                 "(held-out PALMS prompts; red: not validated)", fontsize=9)  # fmt: skip
     ax = axes[1]
     by_type = rows[(rows["eval"] == "palms_answers") & (rows.metric == "pm_score")]
     if by_type.empty:
@@ -569,27 +572,74 @@ def figure_validation(table: pd.DataFrame, paper: dict):
     return fig
 
 
+def judge_agreement(rows: pd.DataFrame, metric: str = "agreement_paper_pm") -> pd.DataFrame:
+    """Each judge's own agreement rows (not the trivial rules measured beside it)."""
+    return rows[(rows.metric == metric) & (rows.method != "trivial_rule")]
+
+
+def _agreement_cell(rows: pd.DataFrame) -> str:
+    if rows.empty:
+        return "-"
+    r = rows.iloc[-1]
+    return f"{r.value:.3f} [{r.low:.3f}, {r.high:.3f}]"
+
+
 def validation_table(table: pd.DataFrame) -> str:
-    """Markdown: each judge's agreement with the paper's PM and its scores per paper model."""
+    """Markdown: each judge's agreement with the paper's PM beside the trivial rules it must
+    beat (on all pairs, length-matched pairs, pairs from one paper model), its margin over the
+    best rule and verdict; its scores per paper model and per paper revision."""
     rows = validation_rows(table)
     lines = ["# Judge validation on the paper's released PALMS samples", ""]
-    agreement = rows[rows.metric == "agreement_paper_pm"]
+    agreement = judge_agreement(rows)
     if agreement.empty:
         return "\n".join([*lines, "No validation rows yet (run the judge and eval stages).", ""])
     lines += [
         "Agreement with the paper's 52B PM over pairs of the paper's answers to the same "
-        "held-out prompt (95% bootstrap interval over prompts; 0.5 is chance):",
+        "held-out prompt (95% bootstrap interval over prompts; 0.5 is chance), on all pairs, on "
+        "length-matched pairs (word counts within 20%) and on pairs from one paper model; the "
+        "judge's margin over the best trivial rule on the same pairs (paired bootstrap over "
+        "prompts). Verdict: `validated` only when that margin's interval lies above 0.",
         "",
-        "| judge | stage | backbone | agreement | 95% interval | pairs | trust | independent |",
-        "|---|---|---|---|---|---|---|---|",
+        "| judge | stage | backbone | agreement | length-matched | within one model | pairs "
+        "| best rule | judge - best rule | verdict | independent |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in agreement.itertuples():
-        trust = str(r.flag or "").replace("_", " ") or "above chance"
+        mine = rows[(rows.judge == r.judge) & (rows.stage == r.stage) & (rows.model == r.model)]
+        margin = mine[mine.metric == "agreement_minus_best_rule"]
+        best, difference = "-", "-"
+        if not margin.empty:
+            m = margin.iloc[-1]
+            rule = rows[(rows.judge == m.method) & (rows.metric == "agreement_paper_pm")]
+            rule = rule[(rule.run_id == r.run_id) & (rule.n == r.n)]
+            best = f"{m.method}: {_agreement_cell(rule)}"
+            difference = f"{m.value:+.3f} [{m.low:+.3f}, {m.high:+.3f}]"
+        verdict = str(r.flag or "").replace("_", " ") or (
+            "validated" if not margin.empty else "above chance (no rules measured)"
+        )
         independent = "-" if pd.isna(r.independent) else r.independent
         lines.append(
-            f"| {r.judge} | {r.stage} | {r.model} | {r.value:.3f} | [{r.low:.3f}, {r.high:.3f}] "
-            f"| {int(r.n)} | {trust} | {independent} |"
+            f"| {r.judge} | {r.stage} | {r.model} | {r.value:.3f} [{r.low:.3f}, {r.high:.3f}] "
+            f"| {_agreement_cell(mine[mine.metric == 'agreement_paper_pm_length_matched'])} "
+            f"| {_agreement_cell(mine[mine.metric == 'agreement_paper_pm_within_model'])} "
+            f"| {int(r.n)} | {best} | {difference} | {verdict} | {independent} |"
         )
+    rules = rows[rows.method == "trivial_rule"]
+    if not rules.empty:
+        lines += ["", "The trivial rules on the same pairs (one line per set of pairs; "
+                  "model_type_oracle, each answer scored by its paper model's mean paper-PM "
+                  "score, is a ceiling, not a rule to beat):", "",
+                  "| rule | pairs | agreement | length-matched | within one model |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        everything = rules[rules.metric == "agreement_paper_pm"].drop_duplicates(["judge", "n"])
+        for r in everything.itertuples():
+            same = rules[(rules.judge == r.judge) & (rules.stage == r.stage)]
+            same = same[same.run_id == r.run_id]
+            lines.append(
+                f"| {r.judge} | {int(r.n)} | {r.value:.3f} [{r.low:.3f}, {r.high:.3f}] "
+                f"| {_agreement_cell(same[same.metric == 'agreement_paper_pm_length_matched'])} "
+                f"| {_agreement_cell(same[same.metric == 'agreement_paper_pm_within_model'])} |"
+            )
     by_type = rows[(rows["eval"] == "palms_answers") & (rows.metric == "pm_score")]
     if not by_type.empty:
         pivot = by_type.pivot_table(index="judge", columns="method", values="value")

@@ -58,9 +58,21 @@ def load_run(path: Path) -> dict:
     }
 
 
-def joint_judgements(runs: list[dict], judge: str) -> tuple[list[dict], list[str]]:
+def player_name(run: dict, player: str, pool_seeds: bool = False) -> str:
+    """A player of the joint fit: '<model>@<eval key>/<player>', so two runs of one model (two
+    seeds, two settings) stay two players; with `pool_seeds`, '<model>/<player>': the runs of
+    one model pooled into one player on purpose (seeds of one config; nothing else may differ)."""
+    return (
+        f"{run['model']}/{player}" if pool_seeds else f"{run['model']}@{run['path'].name}/{player}"
+    )
+
+
+def joint_judgements(
+    runs: list[dict], judge: str, pool_seeds: bool = False
+) -> tuple[list[dict], list[str]]:
     """Judgements of every pair of players (across runs) answering the same prompt and sample,
-    by PM judge `judge`; players are named '<model>/<player>'."""
+    by PM judge `judge`; players named by `player_name`. Two answers of one player to one prompt
+    (pooled seeds) are never judged against each other."""
     by_prompt: dict[tuple, list[tuple[str, float]]] = {}
     players = []
     for run in runs:
@@ -69,7 +81,7 @@ def joint_judgements(runs: list[dict], judge: str) -> tuple[list[dict], list[str
                 continue
             if DIMENSION_OF_KIND[s["kind"]] != _dimension(judge):
                 continue
-            name = f"{run['model']}/{s['player']}"
+            name = player_name(run, s["player"], pool_seeds)
             if name not in players:
                 players.append(name)
             by_prompt.setdefault((s["prompt_id"], s["sample"]), []).append(
@@ -80,6 +92,8 @@ def joint_judgements(runs: list[dict], judge: str) -> tuple[list[dict], list[str
         for i in range(len(answers)):
             for j in range(i + 1, len(answers)):
                 (a, ra), (b, rb) = answers[i], answers[j]
+                if a == b:
+                    continue
                 p_a = 1.0 / (1.0 + math.exp(-(ra - rb)))
                 judgements.append(
                     {"prompt_id": prompt_id, "player_a": a, "player_b": b, "p_a": p_a}
@@ -87,13 +101,26 @@ def joint_judgements(runs: list[dict], judge: str) -> tuple[list[dict], list[str
     return judgements, players
 
 
+def judge_flag(validation: dict) -> str:
+    """A judge's trust flag from its validation summary: its verdict against the trivial rules
+    (cai.eval.validation.verdict); from the agreement interval alone for a summary written
+    before verdicts; `unvalidated` without one."""
+    if "verdict" in validation:
+        return str(validation.get("flag", ""))
+    interval = validation.get("interval")
+    return trust_flag(*interval) if interval else "unvalidated"
+
+
 def _dimension(judge: str) -> str:
     return judge.removeprefix("pm_")
 
 
-def joint_rows(folders: list[str | Path], bootstrap: int = 1000, seed: int = 0) -> list[dict]:
+def joint_rows(
+    folders: list[str | Path], bootstrap: int = 1000, seed: int = 0, pool_seeds: bool = False
+) -> list[dict]:
     """Result rows (stage `joint`, metric `elo`) of one fit per PM judge over every eval
-    artifact under `folders`; the anchor is the SL-CAI of the largest model."""
+    artifact under `folders`; the anchor is the SL-CAI of the largest model (of its first run
+    by eval key when several runs share it). `pool_seeds`: see `player_name`."""
     paths = eval_artifacts(folders)
     if not paths:
         raise ConfigError(
@@ -107,13 +134,14 @@ def joint_rows(folders: list[str | Path], bootstrap: int = 1000, seed: int = 0) 
             f"The runs were judged by {len(keys)} different judge artifacts ({sorted(map(str, keys))}): "
             "one Elo scale needs one judge. Set judge.init to a preset (not policy) for every run."
         )
+    runs.sort(key=lambda r: r["path"].name)
     largest = max(runs, key=lambda r: float(r["parameters"] or 0))
     anchor_point = next(m for m in largest["models"] if m["series"] == largest["anchor"])
-    anchor = f"{largest['model']}/{anchor_point['player']}"
+    anchor = player_name(largest, anchor_point["player"], pool_seeds)
     judges = sorted({j for r in runs for s in r["samples"][:1] for j in s.get("scores", {})})
     rows = []
     for judge in judges:
-        judgements, players = joint_judgements(runs, judge)
+        judgements, players = joint_judgements(runs, judge, pool_seeds)
         if anchor not in players or not judgements:
             continue
         index = {p: i for i, p in enumerate(players)}
@@ -125,15 +153,15 @@ def joint_rows(folders: list[str | Path], bootstrap: int = 1000, seed: int = 0) 
             ]
         )
         elo, low, high = bootstrap_elo(comparisons, len(players), index[anchor], bootstrap, seed)
-        validation = runs[0]["validation"].get(judge, {})
-        interval = validation.get("interval")
-        flag = trust_flag(*interval) if interval else "unvalidated"
+        flag = judge_flag(runs[0]["validation"].get(judge, {}))
+        done = set()
         for run in runs:
             for point in run["models"]:
-                name = f"{run['model']}/{point['player']}"
-                if name not in index:
+                name = player_name(run, point["player"], pool_seeds)
+                if name not in index or name in done:
                     continue
                 i = index[name]
+                done.add(name)
                 rows.append(
                     row(
                         stage="joint",

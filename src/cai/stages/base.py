@@ -3,9 +3,10 @@
 A stage declares its upstream stages, the config groups it reads (`settings`), the keys inside
 them that change how it runs but not what it writes (`runtime`), its version, and its `run`.
 The artifact key is derived from that declaration alone (`Stage.inputs`): it hashes the
-stage's settings, the seed, the version, the keys of its upstream artifacts and fingerprints of
-the files it reads. Change any of them and the key changes; change anything else (paths, the
-logger, another stage's settings) and it does not, so sweep jobs share every upstream artifact
+stage's settings, the seed, the version, the keys of its upstream artifacts, fingerprints of
+the files it reads and the dtype this machine resolves `auto` to (cai.models.numerics). Change
+any of them and the key changes; change anything else (paths, the logger, another stage's
+settings) and it does not, so sweep jobs share every upstream artifact
 they agree on and a rerun after a crash resumes.
 """
 
@@ -18,6 +19,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from cai.artifacts import Artifact
+from cai.models import numerics
 
 # `run(cfg, inputs, work_dir) -> metrics`: reads its upstream artifacts from `inputs` (stage
 # name -> finished artifact; an RL variant's as "<variant>:<stage>"), writes its files into
@@ -91,6 +93,8 @@ class Stage:
             "seed": int(cfg.seed) if self.seeded else None,
             "upstream": upstream_keys,
             "content": content,
+            # the dtype `auto` resolves to here: one key, one dtype (README, "Determinism")
+            "numerics": numerics(),
         }
 
 
