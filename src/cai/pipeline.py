@@ -238,7 +238,7 @@ def run(cfg: DictConfig, stage_processes: bool = False) -> dict[str, Artifact]:
     output_dir = _hydra_output_dir()
     if output_dir is not None and not follower:
         write_json_atomic(Path(output_dir) / "pipeline_summary.json", summary)
-        if rows := _run_rows(own):
+        if rows := _run_rows(own, replicate_id(cfg)):
             write_rows(Path(output_dir) / "results.csv", rows)
             _publish(cfg, Path(output_dir), rows, _calibration_rows(own))
     if summary and not follower:
@@ -320,10 +320,14 @@ def _publish(
         log.info("Figures from %s: %s", cfg.paths.results_dir, Path(written[0]).parent)
 
 
-def _stamp_rows(path: Path, key: str) -> None:
-    """Result rows name the artifact that measured them (`run_id`)."""
+def _stamp_rows(path: Path, key: str, seed: int | None) -> None:
+    """Result rows name the artifact that measured them (`run_id`) and its seed."""
     if path.is_file():
-        write_rows(path, [{**r, "run_id": r["run_id"] or key} for r in read_rows(path)])
+        stamped = [
+            {**r, "run_id": r["run_id"] or key, "seed": r["seed"] or ("" if seed is None else seed)}
+            for r in read_rows(path)
+        ]
+        write_rows(path, stamped)
 
 
 def _calibration_rows(artifacts: dict[str, Artifact]) -> list[dict]:
@@ -336,14 +340,25 @@ def _calibration_rows(artifacts: dict[str, Artifact]) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-def _run_rows(artifacts: dict[str, Artifact]) -> list[dict]:
-    """The result rows of every stage of this run (results.csv beside the run's logs)."""
+def _run_rows(artifacts: dict[str, Artifact], replicate: str) -> list[dict]:
+    """The result rows of every stage of this run (results.csv beside the run's logs), each
+    with the seed its artifact was built with and the run's replicate id."""
     return [
-        r
+        r | {"seed": r["seed"] or artifact.manifest.get("seed", ""), "replicate": replicate}
         for artifact in artifacts.values()
         if (artifact.path / "rows.csv").is_file()
         for r in read_rows(artifact.path / "rows.csv")
     ]
+
+
+def replicate_id(cfg: DictConfig) -> str:
+    """A hash of the run's config less its seed (and less where outputs go and how the run is
+    shown: paths, logger, pipeline switches): runs with one id are replicates, differing in their
+    seed alone, and their rows are pooled over seeds (cai.analysis.pooling)."""
+    tree = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("seed", "paths", "logger", "pipeline", "hydra"):
+        tree.pop(key, None)
+    return hash_payload(tree, 12)
 
 
 def forced(instance: Instance) -> bool:
@@ -379,9 +394,10 @@ def ensure_artifact(
             if (storage := _storage_error(name, work_dir, error)) is None:
                 raise
             raise storage from error
-        _stamp_rows(work_dir / "rows.csv", key)
+        inputs_of_key = stage_inputs(instance.cfg, name)
+        _stamp_rows(work_dir / "rows.csv", key, inputs_of_key["seed"])
         manifest = {
-            **stage_inputs(instance.cfg, name),
+            **inputs_of_key,
             "metrics": metrics,
             "timings": {
                 "started": started,

@@ -31,8 +31,12 @@ ROW_FIELDS = (
     # below 0.5, and every number it judged), never_loses (an Elo from the prior, not data)
     "independent",  # Elo and judge rows: the judge shares no model, principles or data with
     # the PM that trained the judged model (true/false; empty where it does not apply)
+    "seed",  # the seed of the artifact that measured it (a shared judge: the judge's own)
+    "replicate",  # the run's config less its seed (a hash): rows of one replicate and several
+    # seeds are pooled over seeds (cai.analysis.pooling); empty in a stage's own rows.csv
 )
 LEGACY_FIELDS = ROW_FIELDS[:15]  # rows files written before `flag` and `independent`
+UNSEEDED_FIELDS = ROW_FIELDS[:17]  # rows files written before `seed` and `replicate`
 
 
 def row(**values) -> dict:

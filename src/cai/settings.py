@@ -265,6 +265,7 @@ class JudgeSettings:
     checkpoint_every: int = num(50, 1)
     cpu_attention: str | None = "sdpa"
     eval_batch_size: int = num(16, 1)
+    seed: int | None = num(None, 0)
 
 
 @dataclass

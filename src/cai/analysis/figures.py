@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from cai.analysis.gather import gather, gather_calibration
+from cai.analysis.pooling import holds, pool_over_seeds
 from cai.artifacts import atomic_path, write_text_atomic  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -73,17 +75,29 @@ def _params_of(names: list[str]) -> list[float]:
 
 def _with_interval(ax, x, group: pd.DataFrame, label: str, fmt: str = "o-", **style) -> None:
     """group.value against x, with error bars from group.low to group.high; a series from an
-    untrusted or dependent judge says so in its label (and is drawn dashed and faded)."""
+    untrusted or dependent judge says so in its label (and is drawn dashed and faded). A value
+    pooled over seeds (cai.analysis.pooling) shows each seed's own value as a small point."""
     trust = _style(group, fmt) if "flag" in group else {"fmt": fmt}
-    ax.errorbar(
+    seeds = int(group.seeds.max()) if "seeds" in group and len(group) else 1
+    drawn = ax.errorbar(
         x,
         group.value,
         yerr=[group.value - group.low, group.high - group.value],
         capsize=2,
-        label=_series_label(label, group) if "flag" in group else label,
+        label=(_series_label(label, group) if "flag" in group else label)
+        + (f" (mean of {seeds} seeds)" if seeds > 1 else ""),
         **trust,
         **style,
     )
+    if seeds > 1:
+        _seed_points(ax, list(x), list(group.seed_values), drawn.lines[0].get_color())
+
+
+def _seed_points(ax, x: list, seed_values: list[dict], colour) -> None:
+    """Each seed's own value beside a pooled point (small, unlabelled, the series' colour)."""
+    xs = [xi for xi, values in zip(x, seed_values, strict=True) for _ in (values or {})]
+    ys = [v for values in seed_values for v in (values or {}).values()]
+    ax.scatter(xs, ys, s=9, color=colour, alpha=0.55, zorder=3, linewidths=0)
 
 
 def elo_rows(table: pd.DataFrame) -> pd.DataFrame:
@@ -156,15 +170,27 @@ def figure2(table: pd.DataFrame, paper: dict):
         for (model, method), group in merged.groupby(["model", "method"], sort=False):
             label = _label(method) + (f" ({model})" if several else "")
             style = "o-" if group.rl_sequences.notna().any() else "s"
-            ax.errorbar(
+            seeds = int(group.seeds_harm.max()) if "seeds_harm" in group else 1
+            drawn = ax.errorbar(
                 group.value_help,
                 group.value_harm,
                 xerr=[group.value_help - group.low_help, group.high_help - group.value_help],
                 yerr=[group.value_harm - group.low_harm, group.high_harm - group.value_harm],
                 fmt=style,
                 capsize=2,
-                label=label,
+                label=label + (f" (mean of {seeds} seeds)" if seeds > 1 else ""),
             )
+            if seeds > 1:  # each seed's own (helpfulness, harmlessness) point
+                points = [
+                    (help_values[s], harm_values[s])
+                    for harm_values, help_values in zip(
+                        group.seed_values_harm, group.seed_values_help, strict=True
+                    )
+                    for s in harm_values
+                    if s in help_values
+                ]
+                ax.scatter(*zip(*points, strict=True), s=9, alpha=0.55, linewidths=0,
+                           color=drawn.lines[0].get_color(), zorder=3)  # fmt: skip
         warnings = [
             f"{axis} judge {problem}"
             for axis, flags in (
@@ -668,21 +694,27 @@ def validation_table(table: pd.DataFrame) -> str:
 def elo_table(table: pd.DataFrame, paper: dict) -> str:
     """Markdown: our Elo per model and judge with 95% intervals; the paper's final 52B points."""
     lines = ["# Elo ratings", ""]
+    if "seeds" not in table:  # not pooled yet (draw_all pools once for every figure)
+        table = pool_over_seeds(table)
     elo = elo_rows(table)
     if elo.empty:
         lines += ["No Elo rows in the results yet (run the eval stage).", ""]
     else:
         lines += [
-            "This project (SL-CAI of each run = 0; 95% bootstrap intervals over prompts). `trust`: "
-            "the judge's validation against the paper's PM (at chance / below chance: its "
-            "agreement interval reaches or lies below 0.5, so the row cannot tell an effect from "
-            "noise); never loses: the rating comes from the fit's prior, not from data; "
-            "`independent`: the judge shares no model, principles or data with the PM that "
-            "trained the judged models.",
+            "This project (SL-CAI of each run = 0; 95% bootstrap intervals over prompts; a row "
+            "of several seeds is their mean, its interval including the seed-to-seed spread: "
+            "cai.analysis.pooling). `holds`: every seed (all seeds on one side of 0), pooled "
+            "interval (it excludes 0), no, or one seed (no finding from one draw). `trust`: the "
+            "judge's verdict (cai.eval.validation: at chance / below chance: its agreement with "
+            "the paper's PM reaches or lies below 0.5; not above <rule>: it does not beat that "
+            "trivial rule); never loses: the rating comes from the fit's prior, not from data; "
+            "self judged: the judge shares weights with the judged model; `independent`: the "
+            "judge shares no model, principles or data with the PM that trained the judged "
+            "models.",
             "",
             "| model | series | RL sequences | judge | dimension | Elo | 95% interval | comparisons "
-            "| trust | independent |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| seeds | holds | trust | independent |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         series = {name: i for i, name in enumerate(LABELS)}  # helpful, SL-CAI, RL runs, ...
         ordered = elo.assign(
@@ -691,10 +723,16 @@ def elo_table(table: pd.DataFrame, paper: dict) -> str:
         for r in ordered.itertuples():
             seq = "" if pd.isna(r.rl_sequences) else str(int(r.rl_sequences))
             trust = str(r.flag or "").replace("_", " ").replace(";", "; ") or "validated"
+            seeds = int(getattr(r, "seeds", 1) or 1)
+            seeds_cell = (
+                f"{seeds}: " + ", ".join(f"{v:+.0f}" for v in (r.seed_values or {}).values())
+                if seeds > 1
+                else ("1" if not pd.isna(getattr(r, "seed", math.nan)) else "-")
+            )
             lines.append(
                 f"| {r.model} | {_label(r.method)} | {seq} | {r.judge} | {r.eval} | "
-                f"{r.value:+.0f} | [{r.low:+.0f}, {r.high:+.0f}] | {int(r.n)} | {trust} | "
-                f"{r.independent} |"
+                f"{r.value:+.0f} | [{r.low:+.0f}, {r.high:+.0f}] | {int(r.n)} | {seeds_cell} | "
+                f"{holds(pd.Series(r._asdict()))} | {trust} | {r.independent} |"
             )
         lines.append("")
     lines += [
@@ -786,6 +824,7 @@ def draw_all(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paper = paper_reference()
+    table = pool_over_seeds(table)  # one row per measurement and replicate, seeds inside
     sns.set_theme(style="whitegrid", context="paper")
     written = []
     for name, draw in FIGURES.items():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from cai.results import LEGACY_FIELDS, ROW_FIELDS, read_rows, write_rows
+from cai.results import LEGACY_FIELDS, ROW_FIELDS, UNSEEDED_FIELDS, read_rows, write_rows
 
 log = logging.getLogger(__name__)
 
@@ -19,13 +19,13 @@ TABLE_NAME = "all_results.csv"
 
 def is_rows_file(path: Path) -> bool:
     """A CSV whose header is exactly the result-row fields, now or before `flag` and
-    `independent` were added (other CSVs are left alone)."""
+    `independent`, or `seed` and `replicate`, were added (other CSVs are left alone)."""
     try:
         with open(path, newline="", encoding="utf-8") as handle:
             header = next(csv.reader(handle), [])
     except (OSError, UnicodeDecodeError):
         return False
-    return tuple(header) in (ROW_FIELDS, LEGACY_FIELDS)
+    return tuple(header) in (ROW_FIELDS, UNSEEDED_FIELDS, LEGACY_FIELDS)
 
 
 # Kept out of the paper's figures: results/signal_check/, the known-signal check's rows
@@ -88,10 +88,18 @@ def gather_calibration(results_dir: str | Path, extra: list[str | Path] = ()) ->
 def as_table(rows: list[dict]) -> pd.DataFrame:
     """Rows as a DataFrame: numeric columns parsed (empty -> NaN), cot as a boolean or None."""
     table = pd.DataFrame(rows, columns=list(ROW_FIELDS))
-    for column in ("parameters", "revisions", "rl_sequences", "value", "low", "high", "n"):
+    for column in ("parameters", "revisions", "rl_sequences", "value", "low", "high", "n", "seed"):
         table[column] = pd.to_numeric(table[column], errors="coerce")
     for column in ("cot", "independent"):
         table[column] = table[column].map({"True": True, "False": False, True: True, False: False})
     return table.fillna(
-        {"judge": "", "method": "", "eval": "", "model": "", "stage": "", "flag": ""}
+        {
+            "judge": "",
+            "method": "",
+            "eval": "",
+            "model": "",
+            "stage": "",
+            "flag": "",
+            "replicate": "",
+        }
     )

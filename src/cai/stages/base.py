@@ -55,6 +55,8 @@ class Stage:
     version: int = 1  # bump when the stage's code changes what it writes
     runtime: tuple[str, ...] = ()  # dotted keys inside `settings` that do not matter
     seeded: bool = True  # the artifact depends on cfg.seed
+    # the seed it draws from when not cfg.seed (the judge's judge.seed: one judge for every seed)
+    seed_of: Callable[[DictConfig], int] | None = None
     fingerprints: Callable[[DictConfig], dict] | None = None  # of the input files it reads
     check: Callable[[DictConfig], None] | None = None  # raises ConfigError on bad settings
     # settings that this config does not use (dotted keys, dropped from the key like `runtime`),
@@ -90,7 +92,7 @@ class Stage:
             "stage": self.name,
             "version": self.version,
             "config": config,
-            "seed": int(cfg.seed) if self.seeded else None,
+            "seed": (self.seed_of(cfg) if self.seed_of else int(cfg.seed)) if self.seeded else None,
             "upstream": upstream_keys,
             "content": content,
             # the dtype `auto` resolves to here: one key, one dtype (README, "Determinism")

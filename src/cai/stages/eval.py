@@ -243,7 +243,7 @@ STAGE = Stage(
         "feedback.function",
         "feedback.helpfulness_principle",
     ),
-    version=2,  # 2: ended_rate and win_rate_vs_anchor rows
+    version=3,  # 3: judges validated beside the trivial rules; 2: ended_rate, win_rate_vs_anchor
     upstream=("generate_sl", "sft", "judge"),
     runtime=(
         "eval.ai_feedback.chunk_size",

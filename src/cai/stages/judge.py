@@ -48,6 +48,7 @@ HELPFULNESS_SOURCES = ("helpful-base",)
 
 def run(cfg: DictConfig, inputs: dict[str, Artifact], work_dir: Path) -> dict:
     check_settings(cfg)
+    cfg = with_seed(cfg, judge_seed(cfg))  # every draw of the judge from its own seed
     node = cfg.judge
     init_cfg = model_cfg_for(cfg, str(node.init), "judge.init", inputs)
     judges, metrics, rows, validation = {}, {}, [], {}
@@ -139,6 +140,19 @@ def paper_pm_comparisons(data_dir: str | None, max_pairs: int | None, seed: int)
     return out
 
 
+def judge_seed(cfg: DictConfig) -> int:
+    """The judge's seed: judge.seed, else the run's. A fixed judge.seed makes one judge for runs
+    of several seeds (experiment=replicate), so their Elo share one scale."""
+    return int(cfg.seed if cfg.judge.get("seed") is None else cfg.judge.seed)
+
+
+def with_seed(cfg: DictConfig, seed: int) -> DictConfig:
+    """A copy of `cfg` whose `seed` is `seed`."""
+    copy = cfg.copy()
+    copy.seed = seed
+    return copy
+
+
 def check_settings(cfg: DictConfig) -> None:
     node = cfg.judge
     if not any(node.get(d) for d in DIMENSIONS):
@@ -183,8 +197,12 @@ STAGE = Stage(
     "judge",
     run,
     settings=("judge", "trainer"),  # judge.init names its model: one judge for every run
-    version=3,  # 3: seeded head, paper_pm, PALMS validation, data fingerprints
-    runtime=("judge.checkpoint_every", "judge.eval_batch_size", *TRAINER_RUNTIME),
+    version=4,  # 4: validation beside the trivial rules, verdicts; 3: seeded head, paper_pm,
+    # PALMS validation, data fingerprints
+    # judge.seed is in the key as its `seed` (seed_of), so judge.seed=0 under seed 0 is the same
+    # judge as no judge.seed
+    runtime=("judge.checkpoint_every", "judge.eval_batch_size", "judge.seed", *TRAINER_RUNTIME),
+    seed_of=judge_seed,
     fingerprints=fingerprints,
     check=check_settings,
     distributed=True,

@@ -107,7 +107,7 @@ STAGE = Stage(
     "pm",
     run,
     settings=("model", "pm", "trainer", "judge.validation"),
-    version=3,  # 3: seeded head, validation against the paper's PM (PALMS)
+    version=4,  # 4: validation beside the trivial rules; 3: seeded head, PALMS validation
     upstream=("feedback", "sft"),
     runtime=("pm.checkpoint_every", "pm.eval_batch_size", *TRAINER_RUNTIME),
     fingerprints=lambda cfg: {
