@@ -99,6 +99,27 @@ def test_elo_rows_flag_never_losing_players_and_carry_the_judges_trust(make_cfg)
     # ties are not wins: a player that only ties is not flagged
     rows = elo_rows(cfg, POINTS, _judgements(set()))
     assert not any("never_loses" in r["flag"] for r in rows)
+    # a judge with a judged model's own weights: that model's rows say self_judged
+    trust = {"stub": {"flag": "", "independent": False, "self_judged": ["helpful"]}}
+    rows = elo_rows(cfg, POINTS, _judgements(beats), trust)
+    flags = {(r["method"], r["rl_sequences"]): r["flag"] for r in rows}
+    assert flags[("helpful", None)] == "self_judged" and flags[("sl_cai", None)] == ""
+
+
+def test_self_judged_players_are_the_judges_own_weights(make_cfg):
+    from omegaconf import OmegaConf
+
+    from cai.eval.compare import self_judged_players
+
+    cfg = make_cfg("model=tiny")
+    players = {"helpful": cfg.model, "sl_cai": OmegaConf.create({"name": "tiny", "path": "/a/sft"})}
+    assert self_judged_players(cfg.model, players) == ["helpful"]
+    assert self_judged_players(OmegaConf.create({"name": "x", "path": "/a/sft"}), players) == [
+        "sl_cai"
+    ]
+    assert (
+        self_judged_players(OmegaConf.create({"name": "served", "path": "http://h"}), players) == []
+    )
 
 
 def test_rates_and_scores():
@@ -192,13 +213,27 @@ def test_default_pipeline_on_the_tiny_model_writes_every_figure(tmp_path, data_d
         ("pm", "training_pm_ai"),
         ("eval", "ai_feedback"),
     }
-    for r in agreement:  # an interval around the value, and a flag exactly when it covers 0.5
+    for r in agreement:  # an interval around the value; a flag whenever it covers 0.5, and for
+        # a judge, also when it does not beat the best trivial rule on the same pairs
         assert float(r["low"]) <= float(r["value"]) <= float(r["high"])
-        assert (r["flag"] != "") == (float(r["low"]) <= 0.5)
+        assert (float(r["low"]) <= 0.5) <= (r["flag"] != "")
+        if r["method"] == "trivial_rule":
+            assert (r["flag"] != "") == (float(r["low"]) <= 0.5)
+        elif float(r["low"]) > 0.5:
+            assert r["flag"] in (
+                "",
+                f"not_above_{next(m['method'] for m in rows if m['metric'] == 'agreement_minus_best_rule' and m['judge'] == r['judge'])}",
+            )
     # independence: the PM judge shares nothing with the RL-CAI PM; the AI judge is the same
     # model as the feedback model offline
     assert {r["independent"] for r in elo if r["judge"] == "ai_feedback"} == {"False"}
     assert {r["independent"] for r in elo if r["judge"] == "pm_harmlessness"} == {"True"}
+    # offline the AI judge is the helpful model's own weights: those rows, and only those, say so
+    helpful_ai = [r for r in elo if r["judge"] == "ai_feedback" and r["method"] == "helpful"]
+    assert helpful_ai and all("self_judged" in r["flag"] for r in helpful_ai)
+    # (the human-feedback baselines start from the helpful model: their snapshot 0 is it)
+    others = [r for r in elo if r["method"] == "sl_cai" or r["rl_sequences"] not in ("", "0")]
+    assert others and not any("self_judged" in r["flag"] for r in others)
     pm_flags = {r["flag"] for r in agreement if r["judge"] == "pm_harmlessness"}
     assert {r["flag"].split(";")[0] for r in elo if r["judge"] == "pm_harmlessness"} <= pm_flags | {
         "never_loses"

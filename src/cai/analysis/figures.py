@@ -127,12 +127,21 @@ def _series_label(label: str, group: pd.DataFrame) -> str:
         notes.append(f"judge {problem}")
     if "independent" in group and (group.independent.astype(str) == "False").any():
         notes.append("judge not independent")
+    if self_judged(group):
+        notes.append("self-judged")
     return label + (f" ({'; '.join(notes)})" if notes else "")
 
 
+def self_judged(group: pd.DataFrame) -> bool:
+    """Whether any row of the group was judged by a judge with the judged model's own weights."""
+    return "flag" in group and group.flag.astype(str).str.contains("self_judged").any()
+
+
 def _style(group: pd.DataFrame, fmt: str) -> dict:
-    """Series judged by an untrusted judge: dashed and faded."""
-    return {"fmt": fmt.replace("-", "--"), "alpha": 0.45} if untrusted(group) else {"fmt": fmt}
+    """Series judged by an untrusted judge, or by the judged model itself: dashed and faded."""
+    if untrusted(group) or self_judged(group):
+        return {"fmt": fmt.replace("-", "--"), "alpha": 0.45}
+    return {"fmt": fmt}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,6 +179,11 @@ def figure2(table: pd.DataFrame, paper: dict):
         for (model, method), group in merged.groupby(["model", "method"], sort=False):
             label = _label(method) + (f" ({model})" if several else "")
             style = "o-" if group.rl_sequences.notna().any() else "s"
+            itself = self_judged(group.rename(columns={"flag_harm": "flag"})) or self_judged(
+                group.rename(columns={"flag_help": "flag"})
+            )
+            if itself:  # the judge's weights are this model's: dashed, faded, said
+                style, label = style.replace("-", "--"), label + " (self-judged)"
             seeds = int(group.seeds_harm.max()) if "seeds_harm" in group else 1
             drawn = ax.errorbar(
                 group.value_help,
@@ -179,6 +193,7 @@ def figure2(table: pd.DataFrame, paper: dict):
                 fmt=style,
                 capsize=2,
                 label=label + (f" (mean of {seeds} seeds)" if seeds > 1 else ""),
+                alpha=0.45 if itself else 1.0,
             )
             if seeds > 1:  # each seed's own (helpfulness, harmlessness) point
                 points = [

@@ -72,6 +72,22 @@ class Point:
     cot: bool | None = None
 
 
+def weights_id(model_cfg: DictConfig) -> str:
+    """What names a set of weights: its folder, or `<preset name>` for a preset."""
+    return str(model_cfg.get("path") or f"<{model_cfg.name}>")
+
+
+def self_judged_players(judge_model: DictConfig, players: dict[str, DictConfig]) -> list[str]:
+    """The players whose weights are the judge's own: offline, the AI-feedback judge is the
+    helpful model itself (eval.ai_feedback.model=policy), so its judgements of that model are a
+    model judging its own answers. Their rows are flagged `self_judged`."""
+    return [
+        name
+        for name, model_cfg in players.items()
+        if weights_id(model_cfg) == weights_id(judge_model)
+    ]
+
+
 def plan_models(
     cfg: DictConfig,
     inputs: dict[str, Artifact],
@@ -84,7 +100,7 @@ def plan_models(
     names: dict[str, str] = {}  # model folder -> player name (one player per set of weights)
 
     def player(name: str, model_cfg: DictConfig) -> str:
-        folder = str(model_cfg.get("path") or f"<{model_cfg.name}>")
+        folder = weights_id(model_cfg)
         if folder not in names:
             names[folder] = name
             players[name] = model_cfg
@@ -444,8 +460,11 @@ def point_row(cfg: DictConfig, point: Point, **fields) -> dict:
 
 
 def never_loses(player: str, judgements: list[dict]) -> bool:
-    """True when no judgement goes against `player` (its rating then comes from the fit's
-    prior, not from data: flagged)."""
+    """True when every judgement of `player` favours it (p > 1/2 for it). With hard 0/1
+    judgements its maximum-likelihood rating would be infinite, and the fit's prior sets it;
+    with soft judgements (a PM's sigmoid, the AI judge's probabilities) the fit is finite, but
+    the player won every comparison it was in, so its rating is bounded by the judge's
+    confidence, not by any loss: flagged either way."""
     mine = [j for j in judgements if player in (j["player_a"], j["player_b"])]
     return bool(mine) and all(
         (j["p_a"] > 0.5) if j["player_a"] == player else (j["p_a"] < 0.5) for j in mine
@@ -458,9 +477,13 @@ def elo_rows(
     """Elo per point, per (judge, dimension): Bradley-Terry over all of that judge's pairwise
     judgements, the anchor (eval.anchor, SL-CAI) at 0, 95% bootstrap interval over prompts.
 
-    `trust`: {judge: {"flag": .., "independent": ..}}: each row carries its judge's validation
-    flag (at_chance, below_chance, unvalidated) and independence; a player that never loses a
-    judgement is flagged never_loses."""
+    `trust`: {judge: {"flag": .., "independent": .., "self_judged": [players]}}: each row carries
+    its judge's validation flag (at_chance, below_chance, not_above_<rule>, unvalidated) and
+    independence; a player that never loses a judgement is flagged never_loses (its rating comes
+    from the fit's prior: finite, pulled towards the others, not a measured value: soft
+    judgements such as a PM's sigmoid never reach 0 or 1, so there the fit is finite anyway, and
+    the flag says the player won every comparison it was in); a player whose weights are the
+    judge's own is flagged self_judged."""
     trust = trust or {}
     players = list(dict.fromkeys(p.player for p in points))
     index = {name: i for i, name in enumerate(players)}
@@ -487,6 +510,8 @@ def elo_rows(
             flags = [judged_by.get("flag", "")]
             if n and never_loses(point.player, these):
                 flags.append("never_loses")
+            if point.player in judged_by.get("self_judged", ()):
+                flags.append("self_judged")
             rows.append(
                 point_row(
                     cfg,
@@ -524,10 +549,13 @@ def win_rate_rows(
             if point.player == anchor or not wins:
                 continue
             mean, low, high = mean_interval(wins)
+            fields = trust_fields(trust, judge)
+            if point.player in (trust or {}).get(judge, {}).get("self_judged", ()):
+                fields["flag"] = ";".join(f for f in (fields["flag"], "self_judged") if f)
             rows.append(
                 point_row(
                     cfg, point, eval=dimension, judge=judge, metric="win_rate_vs_anchor",
-                    value=mean, low=low, high=high, n=len(wins), **trust_fields(trust, judge),
+                    value=mean, low=low, high=high, n=len(wins), **fields,
                 )
             )  # fmt: skip
     return rows

@@ -40,6 +40,7 @@ from cai.eval.compare import (
     revision_rows,
     rule_judgements,
     sample_answers,
+    self_judged_players,
     validate_ai_judge,
     validate_rule,
     win_rate_rows,
@@ -98,8 +99,14 @@ def run(cfg: DictConfig, inputs: dict[str, Artifact], work_dir: Path) -> dict:
         validation_rows, ai_validation = validate_ai_judge(cfg, ai_judge)
         independence = ai_judge_independence(cfg, inputs)
         rows += [r | {"independent": independence["independent"]} for r in validation_rows]
-        trust["ai_feedback"] = {"flag": ai_validation.get("flag", ""), **independence}
-        validation["ai_feedback"] = ai_validation | independence
+        # offline the AI judge is the helpful model itself: those rows are a model judging itself
+        self_judged = self_judged_players(ai_judge.model_cfg, players)
+        trust["ai_feedback"] = {
+            "flag": ai_validation.get("flag", ""),
+            **independence,
+            "self_judged": self_judged,
+        }
+        validation["ai_feedback"] = ai_validation | independence | {"self_judged": self_judged}
     # the rule judge (eval.rule) on every pair: in experiment=signal_check the rule that
     # labelled the PM, the known ground truth (its rows say independent=false)
     if "rule" in node.judges:
