@@ -125,6 +125,29 @@ def test_dpo_steps_raise_the_margin_of_the_trained_pairs(tmp_path):
     assert module.history[-1]["rewards/accuracies"] == 1.0
 
 
+def test_a_cut_off_answer_gets_no_end_token():
+    """As in SFT and PPO: an answer the length limit cut off is not taught to end there."""
+    from cai.comparisons import Comparison, preference_comparisons
+    from cai.config import compose
+    from cai.models import load_tokenizer
+    from cai.modules.dpo import encode_preferences
+
+    cfg = compose(["model=tiny"])
+    tokenizer = load_tokenizer(cfg.model, cfg.paths.cache_dir)
+    comparison = Comparison.of_answers(
+        "c", "Hi?", ("Hello there.", "Hello th"), p_a=0.7, ended=(True, False)
+    )
+    (pair,), _ = encode_preferences([comparison], tokenizer, "chat", 256)
+    eos = tokenizer.eos_token_id
+    assert pair.a.input_ids[-1] == eos and pair.a.labels[-1] == eos
+    assert eos not in pair.b.input_ids[-3:] and pair.b.labels[-1] != -100
+    # the feedback stage's records keep the finish reasons: a "length" answer is cut off
+    record = {"id": "x", "prompt": "Hi?", "answer_a": "a", "answer_b": "b", "p_a": 0.6,
+              "kind": "red_team", "finish_a": "length", "finish_b": "stop"}  # fmt: skip
+    (comparison,), _ = preference_comparisons([record], "ai", "none", None, None, None, 0)
+    assert comparison.ended == (False, True)
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. The stage
 
@@ -160,6 +183,11 @@ def test_dpo_stage_writes_the_policy_snapshots_and_metrics(make_cfg):
     )
     assert len(json.loads((artifact.path / "reference_logprobs.json").read_text())) == pairs
     assert not (artifact.path / "checkpoints").exists()
+    # the labels it trained on carry their answers' finish reasons (10 new tokens: cut off)
+    (feedback,) = (artifact.path.parent.parent / "feedback").glob("*/labels.jsonl")
+    labels = read_jsonl(feedback)
+    assert all(r["finish_a"] in ("stop", "length") for r in labels)
+    assert any("length" in (r["finish_a"], r["finish_b"]) for r in labels)
 
 
 def test_dpo_resumes_after_a_kill_to_the_same_artifact(make_cfg, tmp_path, monkeypatch):

@@ -34,6 +34,9 @@ class Comparison:
     source: str = ""  # who labelled it: ai_harmless, ai_helpful, human_harmless, paper_pm, ...
     id: str = ""
     kind: str = "red_team"  # red_team: harmlessness principles; helpful: the helpfulness question
+    # whether each answer ended (False: cut off by the length limit, so it gets no end token
+    # where it is trained on, as in SFT and PPO); human and paper answers are complete
+    ended: tuple[bool, bool] = (True, True)
 
     @classmethod
     def of_answers(
@@ -84,6 +87,7 @@ def preference_comparisons(
                 kind,
                 p_a=r["p_a"],
                 source=source,
+                ended=(r.get("finish_a") != "length", r.get("finish_b") != "length"),
             )  # fmt: skip
             for r in labels
             if r.get("kind", "red_team") == kind

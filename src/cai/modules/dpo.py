@@ -48,11 +48,12 @@ class EncodedPreference:
 def encode_preferences(
     comparisons: list[Comparison], tokenizer, prompt_format: str, max_length: int
 ) -> tuple[list[EncodedPreference], int]:
-    """The pairs whose both sequences fit `max_length` tokens, and how many did not."""
+    """The pairs whose both sequences fit `max_length` tokens, and how many did not. An answer
+    cut off by the length limit (`Comparison.ended`) gets no end token, as in SFT and PPO."""
     pairs = [
         EncodedPreference(
-            encode_conversation(tokenizer, c.a, prompt_format),
-            encode_conversation(tokenizer, c.b, prompt_format),
+            encode_conversation(tokenizer, c.a, prompt_format, ended=c.ended[0]),
+            encode_conversation(tokenizer, c.b, prompt_format, ended=c.ended[1]),
             float(c.p_a),
         )
         for c in comparisons

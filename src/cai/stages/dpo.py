@@ -121,6 +121,7 @@ STAGE = Stage(
     run,
     settings=("model", "dpo", "trainer"),
     upstream=("feedback", "sft"),
+    version=2,  # 2: an answer cut off by the length limit gets no end token
     runtime=("dpo.checkpoint_every", *TRAINER_RUNTIME),
     fingerprints=lambda cfg: {"hh_rlhf_splits": hh_split_rule()},
     check=check_settings,

@@ -80,7 +80,9 @@ def run(cfg: DictConfig, inputs: dict[str, Artifact], work_dir: Path) -> dict:
     for start in tqdm(starts, desc="feedback chunks", unit="chunk"):
         if not parts.done(start // chunk):
             parts.write(start // chunk, label(comparisons[start : start + chunk]))
-    records = parts.read_all()
+    # each label keeps its answers' finish reasons (DPO gives a cut-off answer no end token)
+    finishes = {p["id"]: {"finish_a": p.get("finish_a"), "finish_b": p.get("finish_b")} for p in pairs}
+    records = [r | finishes[r["id"]] for r in parts.read_all()]
     write_jsonl_atomic(work_dir / "labels.jsonl", records)
     shutil.rmtree(work_dir / "parts", ignore_errors=True)
     p = [r["p_a"] for r in records]
@@ -129,6 +131,7 @@ STAGE = Stage(
         *GENERATION_RUNTIME,
         *(f"feedback.endpoint.{k}" for k in ENDPOINT_RUNTIME),
     ),
+    version=2,  # 2: labels keep the answers' finish reasons
     fingerprints=fingerprints,
     check=check_settings,
     inert=unused_settings,
