@@ -137,7 +137,7 @@ def test_score_gain_is_the_score_less_the_pm_score_of_sl_cai_answers_to_the_same
     import torch
 
     from cai.modules.ppo import per_kind_gains, score_gains
-    from cai.stages.ppo import PromptBaselines
+    from cai.stages.ppo import PromptBaselines, start_model_answers
 
     calls = []
 
@@ -145,9 +145,9 @@ def test_score_gain_is_the_score_less_the_pm_score_of_sl_cai_answers_to_the_same
         calls.append(len(answers))
         return [float(len(a)) for a in answers]
 
-    pairs = [{"prompt": "p1", "answer_a": "ab", "answer_b": "abcd"},  # baseline (2 + 4) / 2 = 3
-             {"prompt": "p2", "answer_a": "a", "answer_b": "a"}]  # fmt: skip  # baseline 1
-    baselines = PromptBaselines(pairs, reward_fn)
+    answers = {"p1": ["ab", "abcd"],  # baseline (2 + 4) / 2 = 3
+               "p2": ["a", "a"]}  # fmt: skip  # baseline 1
+    baselines = PromptBaselines(answers, reward_fn)
     got = baselines(["p1", "p2", "p1", "unknown"])
     assert got[:3] == [3.0, 1.0, 3.0] and got[3] != got[3]  # nan: no pair for that prompt
     assert calls == [4]  # two prompts, two answers each, scored once
@@ -160,3 +160,26 @@ def test_score_gain_is_the_score_less_the_pm_score_of_sl_cai_answers_to_the_same
                        "objective/score_gain_helpful": -0.5}  # fmt: skip
     assert per_kind_gains([], []) == {}
     assert score_gains(torch.tensor([1.0, 2.0]), []) == []  # no baselines: no gains
+    # a prompt with three answers (a helpfulness prompt's samples) averages all three
+    assert PromptBaselines({"p": ["a", "abc", "abcde"]}, reward_fn)(["p"]) == [3.0]
+    assert start_model_answers("some/folder", {}) == {}  # another start model: no gain
+
+
+def test_score_gain_measures_each_variant_against_its_own_start_model(make_cfg):
+    """SL-CAI's answers (generate_pairs) for RL-CAI; the helpful model's own answers
+    (generate_sl: initial red-team answers, helpfulness samples) for the baselines that start
+    from it, not SL-CAI's."""
+    from cai.artifacts import read_jsonl
+    from cai.pipeline import run
+    from cai.stages.ppo import start_model_answers
+
+    done = run(make_cfg(*TINY_STAGES, "pipeline.stages=[generate_sl,sft,generate_pairs]"))
+    sl = {r["prompt"]: r for r in read_jsonl(done["generate_sl"].file("red_team.jsonl"))}
+    pairs = {r["prompt"]: r for r in read_jsonl(done["generate_pairs"].file("pairs.jsonl"))}
+    from_sft = start_model_answers("sft", done)
+    from_policy = start_model_answers("policy", done)
+    prompt = next(p for p in pairs if p in sl)
+    assert from_sft[prompt] == [pairs[prompt]["answer_a"], pairs[prompt]["answer_b"]]
+    assert from_policy[prompt] == [sl[prompt]["initial"]]
+    helpful = read_jsonl(done["generate_sl"].file("helpful.jsonl"))[0]
+    assert from_policy[helpful["prompt"]] == helpful["samples"]

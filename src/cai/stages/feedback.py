@@ -81,7 +81,9 @@ def run(cfg: DictConfig, inputs: dict[str, Artifact], work_dir: Path) -> dict:
         if not parts.done(start // chunk):
             parts.write(start // chunk, label(comparisons[start : start + chunk]))
     # each label keeps its answers' finish reasons (DPO gives a cut-off answer no end token)
-    finishes = {p["id"]: {"finish_a": p.get("finish_a"), "finish_b": p.get("finish_b")} for p in pairs}
+    finishes = {
+        p["id"]: {"finish_a": p.get("finish_a"), "finish_b": p.get("finish_b")} for p in pairs
+    }
     records = [r | finishes[r["id"]] for r in parts.read_all()]
     write_jsonl_atomic(work_dir / "labels.jsonl", records)
     shutil.rmtree(work_dir / "parts", ignore_errors=True)

@@ -6,7 +6,8 @@ model (`ppo.init=policy`) against their own PMs (eval.variants).
 Files: model/ (the final policy), snapshots/seq_<n>/ (after `ppo.snapshot_sequences` training
 sequences, Figures 2 and 8), snapshots.json, metrics.jsonl (one line per PPO iteration; beside
 TRL's `objective/scores`, `objective/score_gain`: the rollouts' PM score less the PM's score of
-SL-CAI's own answers to the same prompts, from generate_pairs).
+the start model's own answers to the same prompts: SL-CAI's from generate_pairs, the helpful
+model's from generate_sl for the baselines that start from it).
 Resumable from Lightning checkpoints (`ppo.checkpoint_every` iterations).
 """
 
@@ -64,13 +65,12 @@ def run(cfg: DictConfig, inputs: dict[str, Artifact], work_dir: Path) -> dict:
         value.train()
 
     # 2. The reward: the PM's score of (prompt, answer); and each prompt's baseline for the
-    # metrics, the PM's mean score of the two SL-CAI answers generate_pairs sampled for it
+    # metrics, the PM's mean score of the start model's own answers to it (SL-CAI's two answers
+    # from generate_pairs; the helpful model's from generate_sl for the baselines from it)
     def reward_fn(prompts: list[str], answers: list[str]) -> list[float]:
         return pm.score([answer_turns(p, a) for p, a in zip(prompts, answers, strict=True)])
 
-    baseline_fn = PromptBaselines(
-        read_jsonl(inputs["generate_pairs"].file("pairs.jsonl")), reward_fn
-    )
+    baseline_fn = PromptBaselines(start_model_answers(str(ppo.init), inputs), reward_fn)
 
     # 3. Prompts and the rollout engine: the configured engine (generation=hf or vllm) with its
     # own copy of the policy (bf16 where supported), given the trained weights before each
@@ -136,20 +136,39 @@ def ppo_prompts(cfg: DictConfig, tokenizer, prompt_format: str) -> list[tuple[st
     return [(k, t, answer_prompt(tokenizer, t, prompt_format)) for k, t in chosen]
 
 
-class PromptBaselines:
-    """requests -> the PM's mean score of SL-CAI's two answers to each (generate_pairs), nan for a
-    request without a pair; each request scored once, the first time PPO samples it."""
+def start_model_answers(init: str, inputs: dict[str, Artifact]) -> dict[str, list[str]]:
+    """{request: the start model's own answers to it}: SL-CAI's two answers per prompt
+    (generate_pairs) when PPO starts from SL-CAI; the helpful model's (generate_sl: its initial
+    red-team answer, its helpfulness samples) when it starts from the helpful model (the
+    Helpful-RLHF and HH-RLHF baselines); none for another start model (no score gain)."""
+    if init == "sft":
+        pairs = read_jsonl(inputs["generate_pairs"].file("pairs.jsonl"))
+        return {r["prompt"]: [r["answer_a"], r["answer_b"]] for r in pairs}
+    if init == "policy":
+        sl = inputs["generate_sl"]
+        red = {r["prompt"]: [r["initial"]] for r in read_jsonl(sl.file("red_team.jsonl"))}
+        helpful = {r["prompt"]: list(r["samples"]) for r in read_jsonl(sl.file("helpful.jsonl"))}
+        return red | helpful
+    return {}
 
-    def __init__(self, pairs: list[dict], reward_fn):
-        self.answers = {r["prompt"]: (r["answer_a"], r["answer_b"]) for r in pairs}
+
+class PromptBaselines:
+    """requests -> the PM's mean score of the start model's own answers to each
+    (start_model_answers), nan for a request without any; each request scored once, the first
+    time PPO samples it."""
+
+    def __init__(self, answers: dict[str, list[str]], reward_fn):
+        self.answers = {prompt: list(texts) for prompt, texts in answers.items() if texts}
         self.reward_fn, self.known = reward_fn, {}
 
     def __call__(self, requests: list[str]) -> list[float]:
         new = sorted({r for r in requests if r in self.answers and r not in self.known})
         if new:
-            scores = self.reward_fn([r for r in new for _ in "ab"],
-                                    [a for r in new for a in self.answers[r]])  # fmt: skip
-            self.known |= {r: (scores[2 * i] + scores[2 * i + 1]) / 2 for i, r in enumerate(new)}
+            prompts = [r for r in new for _ in self.answers[r]]
+            scores = iter(self.reward_fn(prompts, [a for r in new for a in self.answers[r]]))
+            for r in new:
+                mine = [next(scores) for _ in self.answers[r]]
+                self.known[r] = sum(mine) / len(mine)
         return [self.known.get(r, math.nan) for r in requests]
 
 
@@ -167,7 +186,8 @@ STAGE = Stage(
     "ppo",
     run,
     settings=("model", "data", "ppo", "trainer"),
-    upstream=("sft", "pm", "generate_pairs"),
+    upstream=("sft", "pm", "generate_pairs", "generate_sl"),
+    version=2,  # 2: the score gain against the start model's own answers (baselines: helpful)
     runtime=("ppo.checkpoint_every", *TRAINER_RUNTIME),
     fingerprints=input_fingerprints,
     check=check_settings,
