@@ -286,3 +286,26 @@ def run_notebook(path: Path, env: dict) -> dict:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def test_the_ai_judge_asks_the_constitutions_evaluation_principles(make_cfg):
+    """The AI-feedback judge's questions carry the constitution's evaluation principles, never
+    the feedback principles that labelled the training PM (its few-shot block included)."""
+    from cai.comparisons import Comparison
+    from cai.eval.compare import AIJudge
+    from cai.inputs import load_inputs
+
+    cfg = make_cfg("model=tiny", "eval.ai_feedback.model=policy")
+    constitution, _ = load_inputs(cfg)
+    evaluation, feedback = set(constitution.evaluation), set(constitution.feedback)
+    assert evaluation and feedback and not evaluation & feedback
+    judge = AIJudge(cfg, {})
+    for index, principle in enumerate(constitution.evaluation):
+        question = judge.prompts.question("Can you help me?", index, "Yes.", "No.")
+        assert principle.strip() in question
+        assert not any(p.strip() in question for p in feedback)
+    assert not any(p.strip() in judge.prompts.prefix for p in feedback)
+    # the labels it gives record the principles asked, every one an evaluation principle
+    (record,) = judge.label([Comparison.of_answers("c", "Can you help me?", ("Yes.", "No."))])
+    asked = [judge.prompts.principle(query["principle"]) for query in record["queries"]]
+    assert asked and all(p in evaluation for p in asked)

@@ -229,12 +229,32 @@ def test_our_series_carry_our_values_and_the_judges_trust():
     assert heights == pytest.approx([0.51, 0.66])  # ai_feedback, pm_harmlessness (sorted)
     (label, x, y), *_ = _ours(validation, "pm_harmlessness (judge)")
     assert y == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
-    fig5 = FIGURES["fig5_revisions"](table, paper)
-    assert "sum of the harmlessness and helpfulness judges" in " ".join(
-        ax.get_title() for ax in fig5.axes
-    ) or any("no rows yet" in t.get_text() for ax in fig5.axes for t in ax.texts)
-    for fig in (fig8, fig3, validation, fig5):
+    for fig in (fig8, fig3, validation):
         plt.close(fig)
+
+
+def test_figure5_draws_the_hh_panel_from_the_summed_judges():
+    """The HH panel draws the pm_hh rows (the sum of both judges), values as given; without
+    them it says so, and only then."""
+    rows = [
+        row(stage="eval", run_id="e", model="m135", parameters=135e6, eval="red_team",
+            method="sl_revision", judge=judge, revisions=n, metric="pm_score",
+            value=base + n, low=base + n - 0.1, high=base + n + 0.1, n=16)
+        for judge, base in (("pm_harmlessness", 1.0), ("pm_helpfulness", 2.0), ("pm_hh", 3.0))
+        for n in range(3)
+    ]  # fmt: skip
+    fig = FIGURES["fig5_revisions"](as_table(rows), paper_reference())
+    hh_panel = fig.axes[5]  # second row, third column
+    assert "sum of the harmlessness and helpfulness judges" in hh_panel.get_title()
+    (series,) = hh_panel.containers
+    assert list(series.lines[0].get_ydata()) == [3.0, 4.0, 5.0]
+    assert not hh_panel.texts
+    plt.close(fig)
+    without = [r for r in rows if r["judge"] != "pm_hh"]
+    fig = FIGURES["fig5_revisions"](as_table(without), paper_reference())
+    assert not fig.axes[5].containers
+    assert any("no rows yet" in t.get_text() for t in fig.axes[5].texts)
+    plt.close(fig)
 
 
 def test_figure4_names_our_judge_pms_for_what_they_are():
@@ -249,6 +269,15 @@ def test_figure4_names_our_judge_pms_for_what_they_are():
     assert any(label.startswith("Ours: Judge PM, paper-PM labels") for label in labels)
     assert any(label.startswith("Ours: Judge PM, human harmlessness data only") for label in labels)
     assert not any("PM, human feedback" in label for label in labels)  # the paper's HH PM
+    plt.close(fig)
+    # the HH-RLHF baseline's training PM (human harmlessness feedback) is a series of its own
+    rows.append(row(stage="pm", run_id="p", model="m135", parameters=135e6, eval="hhh",
+                    method="pm_human", judge="training_pm_human", metric="accuracy", value=0.56,
+                    low=0.51, high=0.61, n=438))  # fmt: skip
+    fig = FIGURES["fig4_hhh"](as_table(rows), paper_reference())
+    (series,) = [c for c in fig.axes[0].containers
+                 if str(c.get_label()).startswith("Ours: PM, human harmlessness feedback")]  # fmt: skip
+    assert list(series.lines[0].get_ydata()) == [0.56]
     plt.close(fig)
 
 

@@ -301,6 +301,9 @@ HHH_SERIES = {  # (stage, method) of our rows -> the paper series it corresponds
     ("judge", "pm_paper_pm"): "pm_paper_labels",
     ("judge", "pm_paper_pm+harmless-base"): "pm_paper_and_human",
     ("pm", "pm_ai"): "pm_ai_feedback",
+    # the HH-RLHF baseline's training PM (pm.harmlessness=human): human harmlessness comparisons,
+    # helpfulness by AI labels offline (the paper's had human helpfulness too)
+    ("pm", "pm_human"): "pm_human_feedback",
 }
 HHH_LABELS = {
     "pretrained_lm": "Pretrained LM",
@@ -311,6 +314,7 @@ HHH_LABELS = {
     "pm_paper_labels": "Judge PM, paper-PM labels (harmlessness prompts)",
     "pm_paper_and_human": "Judge PM, paper-PM labels + human harmlessness",
     "pm_ai_feedback": "PM, AI feedback (RL-CAI's)",
+    "pm_human_feedback": "PM, human harmlessness feedback (HH-RLHF's)",
 }
 
 
