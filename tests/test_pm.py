@@ -210,7 +210,14 @@ def test_pm_stage_trains_saves_and_reports(make_cfg, data_dir):
     assert metrics["train_pairs"] == 6 and metrics["steps"] == 2
     rows = read_rows(pm.file("rows.csv"))
     validation = [r for r in rows if r["eval"].startswith("palms")]
-    assert {r["metric"] for r in validation} == {"agreement_paper_pm", "pm_score"}
+    assert {r["metric"] for r in validation} == {
+        "agreement_paper_pm",
+        "agreement_paper_pm_length_matched",
+        "agreement_paper_pm_within_model",
+        "agreement_minus_best_rule",
+        "pm_score",
+        "pm_score_gain_over_revision_0",
+    }
     assert metrics["validation"]["pairs"] > 0
     rows = [r for r in rows if not r["eval"].startswith("palms")]
     assert {(r["eval"], r["metric"]) for r in rows} == {

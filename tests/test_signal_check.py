@@ -150,8 +150,8 @@ def test_score_gain_is_the_score_less_the_pm_score_of_sl_cai_answers_to_the_same
     baselines = PromptBaselines(answers, reward_fn)
     got = baselines(["p1", "p2", "p1", "unknown"])
     assert got[:3] == [3.0, 1.0, 3.0] and got[3] != got[3]  # nan: no pair for that prompt
-    assert calls == [4]  # two prompts, two answers each, scored once
-    assert baselines(["p2"]) == [1.0] and calls == [4]  # already known: not scored again
+    assert calls == [2, 2]  # two prompts, two answers each, each prompt scored once alone
+    assert baselines(["p2"]) == [1.0] and calls == [2, 2]  # already known: not scored again
     gains = score_gains(torch.tensor([5.0, 0.5, 3.0, 9.0]), got)
     assert gains[:3] == [2.0, -0.5, 0.0]
     metrics = per_kind_gains(["red_team", "helpful", "red_team", "helpful"], gains)

@@ -266,6 +266,7 @@ class JudgeSettings:
     cpu_attention: str | None = "sdpa"
     eval_batch_size: int = num(16, 1)
     seed: int | None = num(None, 0)
+    paper_pairs: str | None = None
 
 
 @dataclass

@@ -99,6 +99,12 @@ def word_count(text: str) -> int:
     return len(text.split())
 
 
+def length_matched(a: str, b: str) -> bool:
+    """Whether two answers' word counts are within 20% of each other (LENGTH_MATCH)."""
+    shorter, longer = sorted((word_count(a), word_count(b)))
+    return shorter >= LENGTH_MATCH * longer
+
+
 def rule_scores(answers: list[PaperAnswer], seed: int) -> dict[str, list[float]]:
     """Each trivial rule's score of each answer (the higher wins a pair; equal scores tie), and
     the model-type oracle's: the mean paper-PM score of the answer's model type in `answers`."""
@@ -187,13 +193,9 @@ def judge_against_rules(
         rule: [credit(values[i] - values[j], d) for (i, j), d in zip(pairs, paper, strict=True)]
         for rule, values in scores.items()
     }
-    lengths = [word_count(a.answer) for a in answers]
     keep = {
         "all": None,
-        "length_matched": [
-            min(lengths[i], lengths[j]) >= LENGTH_MATCH * max(lengths[i], lengths[j])
-            for i, j in pairs
-        ],
+        "length_matched": [length_matched(answers[i].answer, answers[j].answer) for i, j in pairs],
         "within_model": [answers[i].model_type == answers[j].model_type for i, j in pairs],
     }
     estimates = {

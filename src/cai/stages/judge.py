@@ -29,7 +29,7 @@ from cai.config import model_cfg_for
 from cai.data import hh_rlhf_comparisons, hh_rlhf_fingerprint, hh_split_rule
 from cai.errors import ConfigError
 from cai.eval.judges import DIMENSIONS, judge_name
-from cai.eval.validation import validate_pm
+from cai.eval.validation import length_matched, validate_pm
 from cai.models import count_parameters
 from cai.modules.pm import train_preference_model
 from cai.modules.training import is_follower
@@ -106,7 +106,9 @@ def training_data(cfg: DictConfig, dimension: str) -> tuple[list, dict]:
     comparisons, counts = [], {}
     for source in sources:
         if source == "paper_pm":
-            these = paper_pm_comparisons(cfg.paths.data_dir, node.max_paper_pairs, int(cfg.seed))
+            these = paper_pm_comparisons(
+                cfg.paths.data_dir, node.max_paper_pairs, int(cfg.seed), node.get("paper_pairs")
+            )
         else:  # an hh-rlhf subset; a missing file is an error, never an empty judge
             train = hh_rlhf_comparisons(cfg.paths.data_dir, source, "judge_train")
             these = human_comparisons(train[: node.max_train], source)
@@ -115,16 +117,27 @@ def training_data(cfg: DictConfig, dimension: str) -> tuple[list, dict]:
     return comparisons, counts
 
 
-def paper_pm_comparisons(data_dir: str | None, max_pairs: int | None, seed: int) -> list:
+PAPER_PAIRS = (None, "within_model", "length_matched")
+
+
+def paper_pm_comparisons(
+    data_dir: str | None, max_pairs: int | None, seed: int, which: str | None = None
+) -> list:
     """Comparisons of pairs of the paper's answers to the same prompt (train-split prompts
     only), soft label sigmoid(score_a - score_b) of the paper's PM: a judge that learns to order
-    answers as the paper's PM does."""
+    answers as the paper's PM does. `which` (judge.paper_pairs): every pair (None); pairs from
+    one paper model (`within_model`: no model's style to recognise); or pairs whose word counts
+    are within 20% (`length_matched`: no length to read)."""
     by_prompt: dict[str, list] = {}
     for a in load_answers(data_dir, "train"):
         by_prompt.setdefault(a.prompt_id, []).append(a)
     pairs = [
         pair for pid in sorted(by_prompt) for pair in itertools.combinations(by_prompt[pid], 2)
     ]
+    if which == "within_model":
+        pairs = [(a, b) for a, b in pairs if a.model_type == b.model_type]
+    elif which == "length_matched":
+        pairs = [(a, b) for a, b in pairs if length_matched(a.answer, b.answer)]
     rng = random.Random(f"{seed}/paper-pm-pairs")
     if max_pairs is not None:
         pairs = rng.sample(pairs, min(int(max_pairs), len(pairs)))
@@ -164,6 +177,11 @@ def check_settings(cfg: DictConfig) -> None:
         value = node.get(dimension)
         if value and str(value) not in allowed:
             raise ConfigError(f"judge.{dimension}={value!r}: use {', '.join(allowed)} or null.")
+    if node.get("paper_pairs") not in PAPER_PAIRS:
+        raise ConfigError(
+            f"judge.paper_pairs={node.paper_pairs!r}: use null (every pair), within_model or "
+            "length_matched."
+        )
     if str(node.get("weights", "auto")) not in ("auto", "float32"):
         raise ConfigError(f"judge.weights={node.weights!r}: use auto or float32.")
     if str(node.init) in ("policy", "sft"):
@@ -202,6 +220,7 @@ STAGE = Stage(
     # judge.seed is in the key as its `seed` (seed_of), so judge.seed=0 under seed 0 is the same
     # judge as no judge.seed
     runtime=("judge.checkpoint_every", "judge.eval_batch_size", "judge.seed", *TRAINER_RUNTIME),
+    inert=lambda cfg: () if cfg.judge.get("paper_pairs") else ("judge.paper_pairs",),
     seed_of=judge_seed,
     fingerprints=fingerprints,
     check=check_settings,

@@ -155,20 +155,17 @@ def start_model_answers(init: str, inputs: dict[str, Artifact]) -> dict[str, lis
 class PromptBaselines:
     """requests -> the PM's mean score of the start model's own answers to each
     (start_model_answers), nan for a request without any; each request scored once, the first
-    time PPO samples it."""
+    time PPO samples it, in a batch of its own answers only (so its score does not depend on
+    which other requests were new at the time: a resumed run gets the same bits)."""
 
     def __init__(self, answers: dict[str, list[str]], reward_fn):
         self.answers = {prompt: list(texts) for prompt, texts in answers.items() if texts}
         self.reward_fn, self.known = reward_fn, {}
 
     def __call__(self, requests: list[str]) -> list[float]:
-        new = sorted({r for r in requests if r in self.answers and r not in self.known})
-        if new:
-            prompts = [r for r in new for _ in self.answers[r]]
-            scores = iter(self.reward_fn(prompts, [a for r in new for a in self.answers[r]]))
-            for r in new:
-                mine = [next(scores) for _ in self.answers[r]]
-                self.known[r] = sum(mine) / len(mine)
+        for r in sorted({r for r in requests if r in self.answers and r not in self.known}):
+            scores = self.reward_fn([r] * len(self.answers[r]), self.answers[r])
+            self.known[r] = sum(scores) / len(scores)
         return [self.known.get(r, math.nan) for r in requests]
 
 
