@@ -3,9 +3,11 @@
 import json
 from pathlib import Path
 
+import pytest
 from conftest import TINY_EVAL, run_train
 
 
+@pytest.mark.slow  # every stage of the embedded model twice: 4.5 minutes on a float32-only CPU
 def test_main_command_on_the_embedded_model(tmp_path: Path):
     args = [
         "data.max_red_team=2",

@@ -317,3 +317,29 @@ def test_judge_key_follows_its_data_files(make_cfg, tmp_path, data_dir):
         *JUDGE, f"paths.data_dir={data_dir}", "judge.harmlessness=paper_pm+harmless-base"
     )
     assert artifact_key(cfg, "judge") != artifact_key(other, "judge")
+
+
+def test_judge_training_pairs_within_one_model_or_length_matched(data_dir, make_cfg):
+    """judge.paper_pairs picks the paper_pm training pairs: one paper model's answers, or
+    answers of matched length; a wrong value is one clear error before any work."""
+    from cai.errors import ConfigError
+    from cai.eval.validation import word_count
+    from cai.paper_samples import load_answers
+    from cai.stages.judge import check_settings, paper_pm_comparisons
+
+    by_text = {a.answer: a for a in load_answers(str(data_dir), "train")}
+
+    def answers(comparison):
+        return [by_text[turns[-1]["content"]] for turns in (comparison.a, comparison.b)]
+
+    within = paper_pm_comparisons(str(data_dir), 64, 0, "within_model")
+    assert len(within) == 64
+    assert all(a.model_type == b.model_type for a, b in map(answers, within))
+    matched = paper_pm_comparisons(str(data_dir), 64, 0, "length_matched")
+    for a, b in map(answers, matched):
+        shorter, longer = sorted((word_count(a.answer), word_count(b.answer)))
+        assert shorter >= 0.8 * longer
+    every = paper_pm_comparisons(str(data_dir), 64, 0)
+    assert any(x.model_type != y.model_type for x, y in map(answers, every))
+    with pytest.raises(ConfigError, match="judge.paper_pairs"):
+        check_settings(make_cfg("judge.paper_pairs=same_length"))
