@@ -739,9 +739,14 @@ def elo_table(table: pd.DataFrame, paper: dict) -> str:
         ordered = elo.assign(
             order=elo.rl_sequences.fillna(-1), series=elo.method.map(series).fillna(len(series))
         ).sort_values(["model", "judge", "eval", "series", "method", "order"])
+        # judges with a margin over the trivial rules measured (rows written before verdicts
+        # were only checked against chance: their empty flag is not a verdict)
+        checked = set(table[table.metric == "agreement_minus_best_rule"].judge)
         for r in ordered.itertuples():
             seq = "" if pd.isna(r.rl_sequences) else str(int(r.rl_sequences))
-            trust = str(r.flag or "").replace("_", " ").replace(";", "; ") or "validated"
+            trust = str(r.flag or "").replace("_", " ").replace(";", "; ") or (
+                "validated" if r.judge in checked else "above chance (no trivial-rule check)"
+            )
             seeds = int(getattr(r, "seeds", 1) or 1)
             seeds_cell = (
                 f"{seeds}: " + ", ".join(f"{v:+.0f}" for v in (r.seed_values or {}).values())
