@@ -564,8 +564,13 @@ def figure_validation(table: pd.DataFrame, paper: dict):
     else:
         agreement = agreement.groupby(["judge", "stage", "model"], as_index=False).last()
         labels = [f"{r.judge}\n({r.stage})" for r in agreement.itertuples()]
-        colours = ["firebrick" if untrusted(pd.DataFrame([r._asdict()])) else "seagreen"
-                   for r in agreement.itertuples()]  # fmt: skip
+        checked = set(rows[rows.metric == "agreement_minus_best_rule"].judge)
+        colours = [
+            "firebrick" if untrusted(pd.DataFrame([r._asdict()]))
+            else "seagreen" if r.judge in checked
+            else "grey"  # rows written before the trivial-rule check: no verdict
+            for r in agreement.itertuples()
+        ]  # fmt: skip
         ax.bar(range(len(agreement)), agreement.value, color=colours, alpha=0.8)
         ax.errorbar(
             range(len(agreement)),
@@ -579,7 +584,8 @@ def figure_validation(table: pd.DataFrame, paper: dict):
         ax.set_xticks(range(len(agreement)), labels, fontsize=7)
         ax.set(ylim=(0, 1), ylabel="Agreement with the paper's PM")
     ax.set_title("Pairs of the paper's answers ordered as its PM orders them\n"
-                 "(held-out PALMS prompts; red: not validated)", fontsize=9)  # fmt: skip
+                 "(held-out PALMS prompts; red: not validated; grey: no trivial-rule check)",
+                 fontsize=9)  # fmt: skip
     ax = axes[1]
     by_type = rows[(rows["eval"] == "palms_answers") & (rows.metric == "pm_score")]
     if by_type.empty:
