@@ -12,6 +12,7 @@ Only safetensors weights are read, and `trust_remote_code` is off unless the con
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -32,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
+from cai.artifacts import hash_payload, sha256_file
 from cai.config import load_model_preset
 from cai.errors import ModelUnavailable
 
@@ -127,6 +129,7 @@ def bf16_supported() -> bool:
     return False
 
 
+@functools.cache
 def numerics() -> dict:
     """What makes the same computation give other bytes on another machine, where the project
     itself decides it: whether `auto` dtypes resolve to bfloat16 (CPUs with AVX-512 BF16 or AMX,
@@ -219,14 +222,6 @@ def ensure_gguf_cache(model_cfg: DictConfig, cache_dir: str | Path) -> Path:
     return folder
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _file_fingerprint(path: Path) -> str:
     """Short hash of a file's name, size and first/last MiB: cheap, and changes with the file."""
     digest = hashlib.sha256(f"{path.name}:{path.stat().st_size}".encode())
@@ -243,8 +238,7 @@ def _dequantiser_fingerprint() -> str:
     so it is never reused under this one."""
     versions = library_versions()
     made_by = {k: versions.get(k) for k in ("torch", "transformers", "gguf", "safetensors")}
-    payload = json.dumps({"format": CACHE_FORMAT, **made_by}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:8]
+    return hash_payload({"format": CACHE_FORMAT, **made_by}, 8)
 
 
 def _cache_is_valid(folder: Path) -> bool:
@@ -292,7 +286,7 @@ def _build_gguf_cache(gguf_path: Path, folder: Path) -> None:
         marker = {
             "source": str(gguf_path),
             "files": files,
-            "sha256": {n: _sha256(tmp / n) for n in files if n.endswith(".safetensors")},
+            "sha256": {n: sha256_file(tmp / n) for n in files if n.endswith(".safetensors")},
             "made_by": library_versions(),
             "built_s": time.perf_counter() - start,
         }

@@ -132,9 +132,23 @@ def _series_label(label: str, group: pd.DataFrame) -> str:
     return label + (f" ({'; '.join(notes)})" if notes else "")
 
 
-def self_judged(group: pd.DataFrame) -> bool:
-    """Whether any row of the group was judged by a judge with the judged model's own weights."""
-    return "flag" in group and group.flag.astype(str).str.contains("self_judged").any()
+def self_judged(group: pd.DataFrame, column: str = "flag") -> bool:
+    """Whether any row of the group was judged by a judge with the judged model's own weights
+    (its flags in `column`)."""
+    return column in group and group[column].astype(str).str.contains("self_judged").any()
+
+
+def checked_judges(table: pd.DataFrame) -> set[str]:
+    """The judges whose margin over the trivial rules was measured: an empty flag is a verdict
+    only for them (rows written before verdicts were only checked against chance)."""
+    return set(table[table.metric == "agreement_minus_best_rule"].judge)
+
+
+def trust_text(flag: str, checked: bool) -> str:
+    """A judge's verdict as the tables write it."""
+    return str(flag or "").replace("_", " ").replace(";", "; ") or (
+        "validated" if checked else "above chance (no trivial-rule check)"
+    )
 
 
 def _style(group: pd.DataFrame, fmt: str) -> dict:
@@ -179,9 +193,7 @@ def figure2(table: pd.DataFrame, paper: dict):
         for (model, method), group in merged.groupby(["model", "method"], sort=False):
             label = _label(method) + (f" ({model})" if several else "")
             style = "o-" if group.rl_sequences.notna().any() else "s"
-            itself = self_judged(group.rename(columns={"flag_harm": "flag"})) or self_judged(
-                group.rename(columns={"flag_help": "flag"})
-            )
+            itself = self_judged(group, "flag_harm") or self_judged(group, "flag_help")
             if itself:  # the judge's weights are this model's: dashed, faded, said
                 style, label = style.replace("-", "--"), label + " (self-judged)"
             seeds = int(group.seeds_harm.max()) if "seeds_harm" in group else 1
@@ -564,7 +576,7 @@ def figure_validation(table: pd.DataFrame, paper: dict):
     else:
         agreement = agreement.groupby(["judge", "stage", "model"], as_index=False).last()
         labels = [f"{r.judge}\n({r.stage})" for r in agreement.itertuples()]
-        checked = set(rows[rows.metric == "agreement_minus_best_rule"].judge)
+        checked = checked_judges(rows)
         colours = [
             "firebrick" if untrusted(pd.DataFrame([r._asdict()]))
             else "seagreen" if r.judge in checked
@@ -665,9 +677,7 @@ def validation_table(table: pd.DataFrame) -> str:
             rule = rule[(rule.run_id == r.run_id) & (rule.n == r.n)]
             best = f"{m.method}: {_agreement_cell(rule)}"
             difference = f"{m.value:+.3f} [{m.low:+.3f}, {m.high:+.3f}]"
-        verdict = str(r.flag or "").replace("_", " ") or (
-            "validated" if not margin.empty else "above chance (no rules measured)"
-        )
+        verdict = trust_text(r.flag, not margin.empty)
         independent = "-" if pd.isna(r.independent) else r.independent
         lines.append(
             f"| {r.judge} | {r.stage} | {r.model} | {r.value:.3f} [{r.low:.3f}, {r.high:.3f}] "
@@ -745,14 +755,10 @@ def elo_table(table: pd.DataFrame, paper: dict) -> str:
         ordered = elo.assign(
             order=elo.rl_sequences.fillna(-1), series=elo.method.map(series).fillna(len(series))
         ).sort_values(["model", "judge", "eval", "series", "method", "order"])
-        # judges with a margin over the trivial rules measured (rows written before verdicts
-        # were only checked against chance: their empty flag is not a verdict)
-        checked = set(table[table.metric == "agreement_minus_best_rule"].judge)
+        checked = checked_judges(table)
         for r in ordered.itertuples():
             seq = "" if pd.isna(r.rl_sequences) else str(int(r.rl_sequences))
-            trust = str(r.flag or "").replace("_", " ").replace(";", "; ") or (
-                "validated" if r.judge in checked else "above chance (no trivial-rule check)"
-            )
+            trust = trust_text(r.flag, r.judge in checked)
             seeds = int(getattr(r, "seeds", 1) or 1)
             seeds_cell = (
                 f"{seeds}: " + ", ".join(f"{v:+.0f}" for v in (r.seed_values or {}).values())

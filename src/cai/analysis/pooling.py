@@ -40,7 +40,8 @@ REFERENCE = {
 DEFAULT_REFERENCE = 0.0  # Elo, score gains, margins over a rule
 # 97.5% quantiles of Student's t by degrees of freedom (k seeds: k - 1); 1.96 beyond the table
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-# what one measurement is: every field but who measured it (run_id, seed) and what it measured
+# what one measurement of one replicate is: every field but who measured it (run_id, seed) and
+# what it measured
 MEASUREMENT = [
     f
     for f in ROW_FIELDS
@@ -86,8 +87,7 @@ def pool_over_seeds(table: pd.DataFrame) -> pd.DataFrame:
         return table
     candidates = (table.replicate != "") & table.seed.notna()
     keep, pooled = [table[~candidates]], []
-    keys = [k for k in MEASUREMENT if k != "replicate"]
-    for _, group in table[candidates].groupby(["replicate", *keys], dropna=False, sort=False):
+    for _, group in table[candidates].groupby(MEASUREMENT, dropna=False, sort=False):
         per_seed = group.groupby("seed", sort=True)
         if per_seed.ngroups < 2:
             keep.append(group)

@@ -479,11 +479,9 @@ def elo_rows(
 
     `trust`: {judge: {"flag": .., "independent": .., "self_judged": [players]}}: each row carries
     its judge's validation flag (at_chance, below_chance, not_above_<rule>, unvalidated) and
-    independence; a player that never loses a judgement is flagged never_loses (its rating comes
-    from the fit's prior: finite, pulled towards the others, not a measured value: soft
-    judgements such as a PM's sigmoid never reach 0 or 1, so there the fit is finite anyway, and
-    the flag says the player won every comparison it was in); a player whose weights are the
-    judge's own is flagged self_judged."""
+    independence; a player that never loses a judgement is flagged never_loses (`never_loses`
+    says what that means for hard and soft judgements); a player whose weights are the judge's
+    own is flagged self_judged."""
     trust = trust or {}
     players = list(dict.fromkeys(p.player for p in points))
     index = {name: i for i, name in enumerate(players)}
